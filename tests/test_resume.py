@@ -1,0 +1,144 @@
+"Kill-and-resume: a real training process is killed with SIGKILL mid-epoch, resumed, and must end bitwise equal to an uninterrupted run"
+import importlib, json, os, signal, subprocess, sys, textwrap, time
+from pathlib import Path
+import pytest, torch
+
+pytestmark = pytest.mark.skipif(sys.platform == 'win32', reason='needs POSIX signals')
+
+# A small training script: synthetic 32 px images, a tiny CNN, deterministic CPU settings, fastai Learner with the
+# package's CheckpointCallback. It prints one flushed line per training batch so the test knows where it is, and
+# sleeps a little per batch so that a kill lands inside an epoch.
+SCRIPT = textwrap.dedent('''
+    import sys, time, random, importlib, argparse
+    import numpy as np, torch
+    from torch import nn
+    from fastai.data.load import DataLoader
+    from fastai.data.core import DataLoaders
+    from fastai.learner import Learner
+    from fastai.callback.core import Callback
+    from fastai.callback.schedule import *
+    from fastai_ranger.checkpoint import CheckpointCallback, load_checkpoint, _plain
+
+    p = argparse.ArgumentParser()
+    p.add_argument('--opt'); p.add_argument('--out'); p.add_argument('--resume', default=None)
+    p.add_argument('--epochs', type=int, default=3); p.add_argument('--seed', type=int, default=42)
+    p.add_argument('--sleep', type=float, default=0.)
+    a = p.parse_args()
+    torch.set_num_threads(1); torch.use_deterministic_algorithms(True)
+    torch.manual_seed(a.seed); random.seed(a.seed); np.random.seed(a.seed)
+    mod,name = a.opt.split(':')
+    opt_func = getattr(importlib.import_module(mod), name)
+
+    g = torch.Generator().manual_seed(0)
+    xs,ys = torch.randn(160, 3, 32, 32, generator=g),torch.randint(0, 10, (160,), generator=g)
+    items = [(x,y) for x,y in zip(xs,ys)]
+    def aug(o):
+        x,y = o
+        if random.random() < 0.5: x = x.flip(-1)
+        return x + 0.05*torch.randn_like(x), y
+    dls = DataLoaders(DataLoader(items[:128], bs=16, shuffle=True, drop_last=True, after_item=aug),
+                      DataLoader(items[128:], bs=32))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.1), nn.Linear(16, 10))
+
+    class BatchLog(Callback):
+        order = 99
+        def after_batch(self):
+            if not self.training: return
+            print(f"BATCH epoch={self.epoch} iter={self.iter}", flush=True)
+            time.sleep(a.sleep)
+
+    learn = Learner(dls, model, loss_func=nn.CrossEntropyLoss(), opt_func=opt_func,
+                    cbs=[CheckpointCallback(a.out), BatchLog()])
+    start = load_checkpoint(learn, a.resume) if a.resume else 0
+    with learn.no_bar(): learn.fit_one_cycle(a.epochs, 3e-3, start_epoch=start)
+    torch.save(_plain({'model': learn.model.state_dict(), 'opt': learn.opt.state_dict(), 'lrs': learn.recorder.lrs,
+                'values': [list(v) for v in learn.recorder.values]}), f"{a.out}/final.pth")
+    print("DONE", flush=True)
+''')
+
+OPTS = ['fastai.optimizer:ranger', 'fastai_ranger.ranger:ranger', 'fastai_ranger.adan:adan', 'fastai_ranger.ranger_lars:ranger_lars']
+EPOCHS, KILL_EPOCH = 3, 1 # B is killed in epoch KILL_EPOCH (0-based), after the checkpoint of epoch KILL_EPOCH-1
+
+
+def _env():
+    env = dict(os.environ, PYTHONHASHSEED='0', OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
+    env['PYTHONPATH'] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get('PYTHONPATH', '')
+    return env
+
+def _need(modname):
+    try: importlib.import_module(modname)
+    except ImportError as e: pytest.skip(f"{modname} is not available yet: {e}")
+
+def _ckpt_epoch(d):
+    f = Path(d)/'last.pth'
+    return torch.load(f, weights_only=True)['epoch'] if f.exists() else None
+
+def _run(cmd, timeout=120):
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"{cmd} failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+    return r
+
+def _kill_mid_epoch(cmd, epoch, it=2, timeout=120):
+    "Start `cmd`, SIGKILL it when it reports training batch `it` of `epoch`; returns the killed process"
+    p = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    try:
+        for line in p.stdout:
+            if line.strip() == f"BATCH epoch={epoch} iter={it}":
+                os.kill(p.pid, signal.SIGKILL); break
+            if time.time()-t0 > timeout: raise TimeoutError(f"no batch {it} of epoch {epoch} within {timeout}s")
+        else: raise AssertionError(f"process ended without reaching epoch {epoch}:\n{p.stderr.read()[-3000:]}")
+        p.wait(30)
+    finally:
+        if p.poll() is None: p.kill(); p.wait()
+    assert p.returncode == -signal.SIGKILL, p.returncode
+    return p
+
+def _assert_same_final(da, db):
+    fa,fb = torch.load(Path(da)/'final.pth', weights_only=True),torch.load(Path(db)/'final.pth', weights_only=True)
+    for k,v in fa['model'].items(): assert torch.equal(v, fb['model'][k]), f"weights differ after resume: {k}"
+    def flat(sd, pre=''):
+        if isinstance(sd, torch.Tensor): yield pre, sd
+        elif isinstance(sd, dict):
+            for k,v in sd.items(): yield from flat(v, f"{pre}/{k}")
+        elif isinstance(sd, (list, tuple)):
+            for i,v in enumerate(sd): yield from flat(v, f"{pre}/{i}")
+    ta,tb = dict(flat(fa['opt'])),dict(flat(fb['opt']))
+    assert ta.keys() == tb.keys()
+    for k in ta: assert torch.equal(ta[k], tb[k]), f"optimizer state differs after resume: {k}"
+    assert fa['lrs'] == fb['lrs'], "learning-rate schedule differs after resume"
+    assert fa['values'] == fb['values'], "recorded metrics differ after resume"
+
+
+@pytest.mark.parametrize('opt', OPTS)
+def test_kill_and_resume_script(opt, tmp_path):
+    _need(opt.split(':')[0])
+    script = tmp_path/'train.py'; script.write_text(SCRIPT)
+    da,db = tmp_path/'a',tmp_path/'b'
+    base = [sys.executable, str(script), '--opt', opt, '--epochs', str(EPOCHS)]
+    _run(base + ['--out', str(da)])
+    assert _ckpt_epoch(da) == EPOCHS
+    _kill_mid_epoch(base + ['--out', str(db), '--sleep', '0.05'], KILL_EPOCH)
+    # killed inside epoch KILL_EPOCH: the last checkpoint is the one of the epoch before, and it loads cleanly
+    assert _ckpt_epoch(db) == KILL_EPOCH
+    assert not (db/'final.pth').exists()
+    _run(base + ['--out', str(db), '--resume', str(db)])
+    _assert_same_final(da, db)
+
+
+def test_kill_during_save_keeps_previous(tmp_path):
+    "A process killed while `atomic_save` is writing leaves the previous checkpoint readable"
+    code = textwrap.dedent(f'''
+        import os, signal, torch
+        from fastai_ranger.checkpoint import atomic_save
+        atomic_save({{'epoch': 1, 'w': torch.ones(3)}}, {str(tmp_path/'last.pth')!r})
+        class Kill:
+            def __reduce__(self): os.kill(os.getpid(), signal.SIGKILL)
+        atomic_save({{'epoch': 2, 'w': torch.zeros(1_000_000), 'k': Kill()}}, {str(tmp_path/'last.pth')!r})
+    ''')
+    r = subprocess.run([sys.executable, '-c', code], env=_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    c = torch.load(tmp_path/'last.pth', weights_only=True)
+    assert c['epoch'] == 1 and torch.equal(c['w'], torch.ones(3))
