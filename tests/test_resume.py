@@ -1,5 +1,5 @@
 "Kill-and-resume: a real training process is killed with SIGKILL mid-epoch, resumed, and must end bitwise equal to an uninterrupted run"
-import importlib, json, os, signal, subprocess, sys, textwrap, time
+import importlib, json, os, re, signal, subprocess, sys, textwrap, time
 from pathlib import Path
 import pytest, torch
 
@@ -58,7 +58,7 @@ SCRIPT = textwrap.dedent('''
     print("DONE", flush=True)
 ''')
 
-OPTS = ['fastai.optimizer:ranger', 'fastai_ranger.ranger:ranger', 'fastai_ranger.adan:adan', 'fastai_ranger.ranger_lars:ranger_lars']
+OPTS = ['fastai_ranger.ranger:ranger', 'fastai_ranger.adan:adan', 'fastai_ranger.ranger_lars:ranger_lars']
 EPOCHS, KILL_EPOCH = 3, 1 # B is killed in epoch KILL_EPOCH (0-based), after the checkpoint of epoch KILL_EPOCH-1
 
 
@@ -96,16 +96,17 @@ def _kill_mid_epoch(cmd, epoch, it=2, timeout=120):
     assert p.returncode == -signal.SIGKILL, p.returncode
     return p
 
+def _flat(sd, pre=''):
+    if isinstance(sd, torch.Tensor): yield pre, sd
+    elif isinstance(sd, dict):
+        for k,v in sd.items(): yield from _flat(v, f"{pre}/{k}")
+    elif isinstance(sd, (list, tuple)):
+        for i,v in enumerate(sd): yield from _flat(v, f"{pre}/{i}")
+
 def _assert_same_final(da, db):
     fa,fb = torch.load(Path(da)/'final.pth', weights_only=True),torch.load(Path(db)/'final.pth', weights_only=True)
     for k,v in fa['model'].items(): assert torch.equal(v, fb['model'][k]), f"weights differ after resume: {k}"
-    def flat(sd, pre=''):
-        if isinstance(sd, torch.Tensor): yield pre, sd
-        elif isinstance(sd, dict):
-            for k,v in sd.items(): yield from flat(v, f"{pre}/{k}")
-        elif isinstance(sd, (list, tuple)):
-            for i,v in enumerate(sd): yield from flat(v, f"{pre}/{i}")
-    ta,tb = dict(flat(fa['opt'])),dict(flat(fb['opt']))
+    ta,tb = dict(_flat(fa['opt'])),dict(_flat(fb['opt']))
     assert ta.keys() == tb.keys()
     for k in ta: assert torch.equal(ta[k], tb[k]), f"optimizer state differs after resume: {k}"
     assert fa['lrs'] == fb['lrs'], "learning-rate schedule differs after resume"
@@ -142,3 +143,51 @@ def test_kill_during_save_keeps_previous(tmp_path):
     assert r.returncode == -signal.SIGKILL, r.stderr
     c = torch.load(tmp_path/'last.pth', weights_only=True)
     assert c['epoch'] == 1 and torch.equal(c['w'], torch.ones(3))
+
+
+# The real CLI: `fastai-ranger-train` on the generated sample at 32 px, deterministic CPU settings. Run B is killed
+# when fastprogress shows training batch 2 of epoch KILL_EPOCH (so: after the checkpoint of the epoch before, in the
+# middle of this one), then continued with `--resume`.
+NB = 4 # training batches per epoch
+CLI_ARGS = ['--recipe', 'sample-quick', '--size', '32', '--bs', '16', '--epochs', str(EPOCHS), '--workers', '0',
+            '--seed', '0', '--deterministic', '--max-train-batches', str(NB), '--max-valid-batches', '1',
+            '--device', 'cpu']
+
+def _cli(*args): return [sys.executable, '-m', 'fastai_ranger.train', *CLI_ARGS, *args]
+
+def _kill_on_output(cmd, pattern, timeout=180):
+    "Start `cmd`, SIGKILL it as soon as its (unbuffered) output matches `pattern`"
+    p = subprocess.Popen(cmd, env=dict(_env(), PYTHONUNBUFFERED='1'), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    buf,t0,rx = b'',time.time(),re.compile(pattern.encode())
+    try:
+        while True:
+            chunk = p.stdout.read1(4096) if hasattr(p.stdout, 'read1') else os.read(p.stdout.fileno(), 4096)
+            if not chunk: raise AssertionError(f"process ended before {pattern!r}:\n{buf[-3000:].decode(errors='replace')}")
+            buf += chunk
+            if rx.search(buf[-20000:]):
+                os.kill(p.pid, signal.SIGKILL); break
+            if time.time()-t0 > timeout: raise TimeoutError(f"{pattern!r} not seen within {timeout}s")
+        p.wait(30)
+    finally:
+        if p.poll() is None: p.kill(); p.wait()
+    assert p.returncode == -signal.SIGKILL, p.returncode
+    return buf.decode(errors='replace')
+
+def test_kill_and_resume_cli(tmp_path):
+    _need('fastai_ranger.train')
+    da,db = tmp_path/'a',tmp_path/'b'
+    _run(_cli('--opt', 'ranger', '--out', str(da), '--quiet'), timeout=180)
+    _kill_on_output(_cli('--opt', 'ranger', '--out', str(db)),
+                    rf"Epoch {KILL_EPOCH+1}/{EPOCHS} : \|[^\r\n]*\[2/{NB} ")
+    assert _ckpt_epoch(db/'run0') == KILL_EPOCH, "the kill did not land inside the epoch after the checkpoint"
+    assert not (db/'results.json').exists()
+    _run([sys.executable, '-m', 'fastai_ranger.train', '--resume', str(db), '--quiet'], timeout=180)
+    ca,cb = torch.load(da/'run0'/'last.pth', weights_only=True),torch.load(db/'run0'/'last.pth', weights_only=True)
+    assert ca['epoch'] == cb['epoch'] == EPOCHS
+    for k,v in ca['model'].items(): assert torch.equal(v, cb['model'][k]), f"weights differ after resume: {k}"
+    ta,tb = dict(_flat(ca['opt'])),dict(_flat(cb['opt']))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), "optimizer state differs after resume"
+    assert ca['recorder']['lrs'] == cb['recorder']['lrs'], "learning-rate schedule differs after resume"
+    ra,rb = json.loads((da/'results.json').read_text()),json.loads((db/'results.json').read_text())
+    assert ra['summary']['accuracy_mean'] == rb['summary']['accuracy_mean']
+    assert rb['runs'][0]['resumed_from'] == KILL_EPOCH and rb['runs'][0]['epochs_done'] == EPOCHS
