@@ -33,7 +33,7 @@ def test_leaderboard_notebook_on_sample(name, cell, tmp_path, monkeypatch):
     assert not any(c.get('outputs') for c in nb.cells if c.cell_type == 'code'), "commit recipe notebooks without outputs"
     out = tmp_path/'out'
     _set_params(nb, SAMPLE=True, RUNS=1, OUT=str(out))
-    monkeypatch.setenv('MPLBACKEND', 'Agg')
+    monkeypatch.delenv('MPLBACKEND', raising=False)  # inline backend: figures become outputs
     nbclient.NotebookClient(nb, timeout=300, kernel_name='python3', resources={'metadata': {'path': str(tmp_path)}}).execute()
     # the final table: one run against the board's target, marked not comparable (sample data, tiny budget)
     df = pd.read_csv(out/'results.csv')

@@ -148,8 +148,8 @@ def test_kill_during_save_keeps_previous(tmp_path):
 # The real CLI: `fastai-ranger-train` on the generated sample at 32 px, deterministic CPU settings. Run B is killed
 # when fastprogress shows training batch 2 of epoch KILL_EPOCH (so: after the checkpoint of the epoch before, in the
 # middle of this one), then continued with `--resume`.
-NB = 4 # training batches per epoch
-CLI_ARGS = ['--recipe', 'sample-quick', '--size', '32', '--bs', '16', '--epochs', str(EPOCHS), '--workers', '0',
+NB,CLI_EPOCHS = 4,2 # training batches per epoch, epochs (killed in epoch KILL_EPOCH=1, the last)
+CLI_ARGS = ['--recipe', 'sample-quick', '--size', '32', '--bs', '16', '--epochs', str(CLI_EPOCHS), '--workers', '0',
             '--seed', '0', '--deterministic', '--max-train-batches', str(NB), '--max-valid-batches', '1',
             '--device', 'cpu']
 
@@ -178,16 +178,21 @@ def test_kill_and_resume_cli(tmp_path):
     da,db = tmp_path/'a',tmp_path/'b'
     _run(_cli('--opt', 'ranger', '--out', str(da), '--quiet'), timeout=180)
     _kill_on_output(_cli('--opt', 'ranger', '--out', str(db)),
-                    rf"Epoch {KILL_EPOCH+1}/{EPOCHS} : \|[^\r\n]*\[2/{NB} ")
+                    rf"Epoch {KILL_EPOCH+1}/{CLI_EPOCHS} : \|[^\r\n]*\[2/{NB} ")
     assert _ckpt_epoch(db/'run0') == KILL_EPOCH, "the kill did not land inside the epoch after the checkpoint"
     assert not (db/'results.json').exists()
     _run([sys.executable, '-m', 'fastai_ranger.train', '--resume', str(db), '--quiet'], timeout=180)
+    ea,eb = [[json.loads(l) for l in (d/'run0'/'epochs.jsonl').read_text().splitlines()] for d in (da,db)]
+    keys = ('train_loss','valid_loss','accuracy')
+    assert [ea[0][k] for k in keys] == [eb[0][k] for k in keys], \
+        "two runs with the same --seed already differ in epoch 0, before any kill/resume: the run itself is not reproducible"
+    assert [[e[k] for k in keys] for e in ea] == [[e[k] for k in keys] for e in eb], "per-epoch metrics differ after resume"
     ca,cb = torch.load(da/'run0'/'last.pth', weights_only=True),torch.load(db/'run0'/'last.pth', weights_only=True)
-    assert ca['epoch'] == cb['epoch'] == EPOCHS
+    assert ca['epoch'] == cb['epoch'] == CLI_EPOCHS
     for k,v in ca['model'].items(): assert torch.equal(v, cb['model'][k]), f"weights differ after resume: {k}"
     ta,tb = dict(_flat(ca['opt'])),dict(_flat(cb['opt']))
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), "optimizer state differs after resume"
     assert ca['recorder']['lrs'] == cb['recorder']['lrs'], "learning-rate schedule differs after resume"
     ra,rb = json.loads((da/'results.json').read_text()),json.loads((db/'results.json').read_text())
     assert ra['summary']['accuracy_mean'] == rb['summary']['accuracy_mean']
-    assert rb['runs'][0]['resumed_from'] == KILL_EPOCH and rb['runs'][0]['epochs_done'] == EPOCHS
+    assert rb['runs'][0]['resumed_from'] == KILL_EPOCH and rb['runs'][0]['epochs_done'] == CLI_EPOCHS
