@@ -32,8 +32,7 @@ def trajectory(make_opt, steps=200, dtype=torch.float32, seed=0):
         opt.zero_grad(); loss.backward(); opt.step()
     return m
 
-@pytest.mark.parametrize('la', [dict(alpha=1.), dict(k=1, alpha=1.)])
-@pytest.mark.parametrize('foreach', [False, None])
+@pytest.mark.parametrize('la,foreach', [(dict(alpha=1.), None), (dict(k=1, alpha=1.), False)])
 def test_equals_torch_radam(la, foreach):
     "Lookahead off + eps_mode='lessw2020' == torch.optim.RAdam(decoupled_weight_decay=True): 200 float64 steps, 10 fp32 steps"
     kw = dict(lr=3e-3, betas=(0.95, 0.99), eps=1e-6, weight_decay=0.05)

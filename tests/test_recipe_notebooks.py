@@ -52,7 +52,7 @@ def test_study_on_mini(tmp_path):
     from fastai_ranger.study import run_study, STUDY_ROWS
     data = MINI if MINI.exists() else 'sample'
     df = run_study(data, out=tmp_path, rows='adam,fastai_ranger,ranger', epochs=1, size=32, bs=32, widen=0.25,
-                   train_subset=160, valid_subset=80, quiet=True, command='pytest-study')
+                   train_subset=160, valid_subset=80, quiet=True, command='pytest-study', workers=0)
     assert list(df.row) == ['adam', 'fastai_ranger', 'ranger']
     assert df.accuracy.between(0, 100).all() and (df.wall_s > 0).all()
     assert df.opt_step_pct.between(0, 100, inclusive='neither').all()
@@ -66,5 +66,16 @@ def test_study_on_mini(tmp_path):
     assert (tmp_path/'study.png').stat().st_size > 1000
     # a second call with the same settings keeps the finished rows instead of training again
     df2 = run_study(data, out=tmp_path, rows='adam,ranger', epochs=1, size=32, bs=32, widen=0.25,
-                    train_subset=160, valid_subset=80, quiet=True, command='again')
+                    train_subset=160, valid_subset=80, quiet=True, command='again', workers=0)
     assert list(df2.wall_s) == list(df.set_index('row').loc[['adam', 'ranger'], 'wall_s'])
+
+def test_study_notebook_shows_committed_results(tmp_path):
+    res = ROOT/'recipes'/'results'/'study'
+    if not (res/'study.json').exists(): pytest.skip("no committed study results")
+    nb = nbformat.read(ROOT/'recipes'/'study.ipynb', as_version=4)
+    _set_params(nb, RUN=False, OUT=str(res))
+    nbclient.NotebookClient(nb, timeout=120, kernel_name='python3', resources={'metadata': {'path': str(tmp_path)}}).execute()
+    txt = '\n'.join(_outputs_text(c) for c in nb.cells)
+    rows = [r['row'] for r in json.loads((res/'study.json').read_text())['results']]
+    assert all(r in txt for r in rows) and 'opt.step %' in txt
+    assert any('image/png' in o.get('data', {}) for c in nb.cells if c.cell_type == 'code' for o in c.outputs)
