@@ -21,7 +21,7 @@ from fastai.callback.channelslast import *
 from .core import check_lr, check_wd, check_eps, check_beta, check_hyper
 from .data import get_dls, DataError
 from .recipes import RECIPES, get_recipe, find_recipe, recipes_table, BASES, RecipeError
-from .checkpoint import CheckpointCallback, load_checkpoint, NonFiniteLossCallback, NonFiniteLossError
+from .checkpoint import seed_all, CheckpointCallback, load_checkpoint, NonFiniteLossCallback, NonFiniteLossError
 
 # %% auto #0
 __all__ = ['OPTIMIZERS', 'SCHEDULES', 'PRECISIONS', 'ACTS', 'OPT_HYPERS', 'RUN_DEFAULTS', 'RESULT_COLS', 'USER_ERRORS',
@@ -214,7 +214,7 @@ def train_run(cfg, dls, r:int, out, resume:bool=False, quiet:bool=False) -> dict
     if resume and (run_dir/'result.json').exists(): return json.loads((run_dir/'result.json').read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
     seed = cfg.seed + r
-    set_seed(seed, reproducible=cfg.deterministic)
+    seed_all(seed, dls, reproducible=cfg.deterministic)  # also re-seeds each DataLoader's own shuffling rng
     learn = build_learner(cfg, dls, run_dir)
     start = 0
     if resume and (run_dir/'last.pth').exists():

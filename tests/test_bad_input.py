@@ -46,7 +46,7 @@ def cli(tmp_path_factory):
         'layout':    ['--recipe', 'mini-quick', '--data', str(flat), *SMALL],
         'corrupt':   ['--recipe', 'mini-quick', '--data', str(corrupt), *SMALL],
         'truncated': ['--recipe', 'mini-quick', '--data', str(trunc), *SMALL],
-        'skip_bad':  ['--recipe', 'mini-quick', '--data', str(skip), '--skip-bad', *SMALL],
+        'skip_bad':  ['--recipe', 'mini-quick', '--data', str(skip), '--skip-bad', *SMALL, '--bs', '3'], # 9 good images: 3 full batches
         'recipe':    ['--recipe', 'imagenete-128-5'],
         'lr':        ['--recipe', 'sample-quick', '--lr', '-1', *SMALL],
         'mom':       ['--recipe', 'sample-quick', '--mom', '1.5', *SMALL],

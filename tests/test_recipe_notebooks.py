@@ -51,23 +51,23 @@ def test_leaderboard_notebook_on_sample(name, cell, tmp_path, monkeypatch):
 def test_study_on_mini(tmp_path):
     from fastai_ranger.study import run_study, STUDY_ROWS
     data = MINI if MINI.exists() else 'sample'
-    df = run_study(data, out=tmp_path, rows='adam,fastai_ranger,ranger', epochs=1, size=32, bs=32, widen=0.25,
-                   train_subset=160, valid_subset=80, quiet=True, command='pytest-study', workers=0)
-    assert list(df.row) == ['adam', 'fastai_ranger', 'ranger']
+    df = run_study(data, out=tmp_path, rows='fastai_ranger,ranger', epochs=1, size=32, bs=32, widen=0.25,
+                   train_subset=128, valid_subset=64, quiet=True, command='pytest-study', workers=0)
+    assert list(df.row) == ['fastai_ranger', 'ranger']
     assert df.accuracy.between(0, 100).all() and (df.wall_s > 0).all()
     assert df.opt_step_pct.between(0, 100, inclusive='neither').all()
-    # fastai's ranger and ours run the same math from the same seed: after 5 steps they agree closely
+    # fastai's ranger and ours run the same math from the same seed: after 4 steps they agree closely
     a, b = df.set_index('row').loc[['fastai_ranger', 'ranger'], 'valid_loss']
     assert abs(a - b) < 0.05, (a, b)
     res = json.loads((tmp_path/'study.json').read_text())
-    assert [len(r['history']) for r in res['results']] == [1, 1, 1] and res['meta']['data']['n_train_used'] == 160
+    assert [len(r['history']) for r in res['results']] == [1, 1] and res['meta']['data']['n_train_used'] == 128
     md = (tmp_path/'study.md').read_text()
     assert 'pytest-study' in md and 'fastai_ranger' in md and 'Budget: reduced' in md
     assert (tmp_path/'study.png').stat().st_size > 1000
     # a second call with the same settings keeps the finished rows instead of training again
-    df2 = run_study(data, out=tmp_path, rows='adam,ranger', epochs=1, size=32, bs=32, widen=0.25,
-                    train_subset=160, valid_subset=80, quiet=True, command='again', workers=0)
-    assert list(df2.wall_s) == list(df.set_index('row').loc[['adam', 'ranger'], 'wall_s'])
+    df2 = run_study(data, out=tmp_path, rows='ranger', epochs=1, size=32, bs=32, widen=0.25,
+                    train_subset=128, valid_subset=64, quiet=True, command='again', workers=0)
+    assert list(df2.wall_s) == [df.set_index('row').loc['ranger', 'wall_s']]
 
 def test_study_notebook_shows_committed_results(tmp_path):
     res = ROOT/'recipes'/'results'/'study'
