@@ -27,9 +27,10 @@ def _strip_frontmatter(md:str) -> str:
     "Turn Quarto front matter (title/description) into a Markdown heading"
     m = re.match(r'^---\n(.*?)\n---\n', md, flags=re.S)
     if not m: return md
-    meta = dict(re.findall(r'^(\w+):\s*(.*)$', m.group(1), flags=re.M))
-    head = f"# {meta.get('title','').strip(chr(39)+chr(34))}\n\n" if meta.get('title') else ''
-    if meta.get('description'): head += f"> {meta['description'].strip(chr(39)+chr(34))}\n\n"
+    import yaml
+    meta = yaml.safe_load(m.group(1)) or {}
+    head = f"# {meta['title']}\n\n" if meta.get('title') else ''
+    if meta.get('description'): head += f"> {' '.join(str(meta['description']).split())}\n\n"
     return head + md[m.end():].lstrip()
 
 _CELL_KEYS = {'cell_type', 'id', 'metadata', 'source', 'outputs', 'execution_count', 'attachments'}

@@ -4,6 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+# the real 700-image Imagenette subset lives beside the repository (../shared/data), as in CI
+if [ -z "${FASTAI_RANGER_MINI:-}" ] && [ -d ../shared/data/imagenette2-160-mini ]; then
+  FASTAI_RANGER_MINI="$(cd ../shared/data/imagenette2-160-mini && pwd)"; export FASTAI_RANGER_MINI
+fi
 
 snapshot() { find nbs fastai_ranger -type f \( -name '*.ipynb' -o -name '*.py' \) -not -path '*/.ipynb_checkpoints/*' -print0 | sort -z | xargs -0 sha1sum; }
 echo "== 1/4 notebooks and library in sync (nbdev-clean, nbdev-export change nothing)"
