@@ -45,6 +45,9 @@ def _clean(nb):
         dirs = [l for l in lines if l.startswith('#|')]
         c.source = '\n'.join(l for l in lines if not l.startswith('#|')).strip()
         if any(re.match(r'#\|\s*echo:\s*false', d) for d in dirs): c.metadata['tags'] = ['remove_input']
+        # notebooks are committed without outputs; only show_doc's rendered API docs are kept, so pages are
+        # deterministic (cells nbdev runs for show_doc, such as imports, may print progress bars or timings)
+        if not c.source.startswith('show_doc('): c.outputs = []
         for o in c.get('outputs', []):
             if 'execution_count' in o: o['execution_count'] = None
             if 'metadata' in o: o['metadata'] = {}
