@@ -3,7 +3,7 @@
 # Run from an environment where the package is installed with its dev extra (see README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+export PYTHONUNBUFFERED=1
 # the real 700-image Imagenette subset lives beside the repository (../shared/data), as in CI
 if [ -z "${FASTAI_RANGER_MINI:-}" ] && [ -d ../shared/data/imagenette2-160-mini ]; then
   FASTAI_RANGER_MINI="$(cd ../shared/data/imagenette2-160-mini && pwd)"; export FASTAI_RANGER_MINI
