@@ -59,21 +59,21 @@ def _adan_single(p:Tensor, g:Tensor, state:dict, *, beta1, beta2, beta3, lr, eps
 # %% ../nbs/04_adan.ipynb #471ccb3c
 def _adan_kernel(p, g, m, v, n, prev, c, sc):
     "One pass of Adan over flat tensors; `c` the clip factor, `sc` the per-step scalars (see `_kernel_scalars`)"
-    b1,b2,b3,st1,st2,sbc3,eps,a,bdiv = sc[0],sc[1],sc[2],sc[3],sc[4],sc[5],sc[6],sc[7],sc[8]
+    b1,b2,b3,st1,st2,rsbc3,eps,a,rbdiv = sc[0],sc[1],sc[2],sc[3],sc[4],sc[5],sc[6],sc[7],sc[8]
     gf = g.to(m.dtype)*c
     d = gf - prev
     m2 = m*b1 + gf*(1-b1)
     v2 = v*b2 + d*(1-b2)
     h = gf + d*b2
     n2 = n*b3 + h*h*(1-b3)
-    denom = n2.sqrt()/sbc3 + eps
-    p2 = (p.to(m.dtype)*a - (m2*st1 + v2*st2)/denom)/bdiv
+    denom = n2.sqrt()*rsbc3 + eps                      # one division per element: the rest are multiplications
+    p2 = (p.to(m.dtype)*a - (m2*st1 + v2*st2)/denom)*rbdiv
     p.copy_(p2); m.copy_(m2); v.copy_(v2); n.copy_(n2); prev.copy_(gf)
 
 def _kernel_scalars(beta1, beta2, beta3, lr, eps, wd, no_prox, t):
-    "Per-step scalars for `_adan_kernel`: both weight-decay forms as p' = (a·p − lr·u)/bdiv"
+    "Per-step scalars for `_adan_kernel`: both weight-decay forms as p' = (a·p − lr·u)·(1/bdiv)"
     a,bdiv = (1-lr*wd, 1.) if no_prox else (1., 1+lr*wd)
-    return [beta1, beta2, beta3, lr/(1-beta1**t), lr*beta2/(1-beta2**t), math.sqrt(1-beta3**t), eps, a, bdiv]
+    return [beta1, beta2, beta3, lr/(1-beta1**t), lr*beta2/(1-beta2**t), 1/math.sqrt(1-beta3**t), eps, a, 1/bdiv]
 
 _compiled = {}
 def _get_compiled():
@@ -114,7 +114,7 @@ def _clip_factor(grads:list, max_norm:float, eps:float):
 # %% ../nbs/04_adan.ipynb #b89cf8dd
 class Adan(torch.optim.Optimizer):
     "Adan (sail-sg reference algorithm, code beta convention) with reference, multi-tensor and compiled paths"
-    fused_min_numel = 65536  # tensors at least this large use the compiled one-pass kernel when `fused` is None
+    fused_min_numel = 65536  # tensors this large get their own kernel call; smaller ones share a flat call
     def __init__(self, params,
                  lr:float=1e-3, # Learning rate
                  betas:tuple=(0.98,0.92,0.99), # (β₁, β₂, β₃) in the code convention (= 1 − the paper's)
@@ -124,7 +124,7 @@ class Adan(torch.optim.Optimizer):
                  max_grad_norm:float=0., # Global gradient-norm clipping (0 disables); p.grad is not modified
                  nonfinite:str|None=None, # None, 'skip' or 'raise': policy for inf/NaN gradients
                  foreach:bool|None=None, # False: reference per-tensor path; None/True: fast path
-                 fused:bool|None=None): # Compiled one-pass kernel: None large tensors only, True all, False never
+                 fused:bool|None=None): # Compiled kernel: None where it pays off, True always, False never
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
                         weight_decay=weight_decay, no_prox=no_prox, max_grad_norm=max_grad_norm)
         _check_adan_group(defaults)
@@ -163,20 +163,43 @@ class Adan(torch.optim.Optimizer):
                     wd=grp['weight_decay'] if takes_wd(st) else 0., t=st['step'])
 
     def _use_kernel(self, p:Tensor) -> bool:
-        "Whether `p` goes through the compiled one-pass kernel"
-        if self.fused is False or _compiled.get('fn', 0) is None or p.numel() < 2: return False
-        if not (p.is_contiguous() and p.grad.is_contiguous()) or p.device.type not in ('cpu', 'cuda'): return False
-        return self.fused is True or p.numel() >= self.fused_min_numel
+        "Whether `p` goes through the compiled one-pass kernel on its own (else it joins the flat call)"
+        return p.numel() >= self.fused_min_numel and p.is_contiguous() and p.grad.is_contiguous()
 
-    def _run_kernel(self, p:Tensor, st:dict, c:Tensor, sc:Tensor) -> bool:
-        "Apply the compiled kernel to `p`; False (after a one-time warning) if compilation does not work here"
-        try: fn = _get_compiled(); fn(p.view(-1), p.grad.view(-1), *[st[k].view(-1) for k in _MOMENT_KEYS], c, sc)
+    def _kernel(self, dev):
+        "The compiled kernel if it may be used on `dev`, else None"
+        if self.fused is False or _compiled.get('fn', 0) is None or dev.type not in ('cpu', 'cuda'): return None
+        return _get_compiled()
+
+    def _call_kernel(self, fn, *args) -> bool:
+        "Run the compiled kernel; False (after a one-time warning) if compilation does not work here"
+        try: fn(*args)
         except Exception as e:
             if self.fused: raise
             _compiled['fn'] = None
             warnings.warn(f"Adan: torch.compile kernel unavailable ({type(e).__name__}: {str(e)[:200]}); "
                           "using the multi-tensor path")
             return False
+        return True
+
+    def _step_kernel(self, fn, ps, sts, c, sc) -> list:
+        "Large tensors one kernel call each, the rest concatenated into one flat call; returns what it did not do"
+        big = [i for i,p in enumerate(ps) if self._use_kernel(p)]
+        rest = sorted(set(range(len(ps))) - set(big))
+        for j,i in enumerate(big):
+            p,st = ps[i],sts[i]
+            if not self._call_kernel(fn, p.view(-1), p.grad.view(-1), *[st[k].view(-1) for k in _MOMENT_KEYS], c, sc):
+                return big[j:] + rest
+        if self.fused is not True and sum(ps[i].numel() for i in rest) < self.fused_min_numel: return rest
+        if rest and not self._flat_kernel(fn, [ps[i] for i in rest], [sts[i] for i in rest], c, sc): return rest
+        return []
+
+    def _flat_kernel(self, fn, ps, sts, c, sc) -> bool:
+        "One kernel call over many small tensors whose moments live in flat buffers (see `FlatState`)"
+        fs = flat_state(self.__dict__.setdefault('_flat', {}), ps, sts, _MOMENT_KEYS)
+        fp,fg = fs.gather()
+        if not self._call_kernel(fn, fp, fg, *[fs.bufs[k] for k in _MOMENT_KEYS], c, sc): return False
+        fs.scatter()
         return True
 
     @torch.no_grad()
@@ -210,21 +233,18 @@ class Adan(torch.optim.Optimizer):
                 _adan_single(p, clipped(p), st, **self._hp(grp, st))
             return loss
         buckets = group_by_key([(p.device, p.dtype, gi, takes_wd(self.state[p]), self.state[p]['step'])
-                                for p,gi,_ in items], [(p,grp) for p,_,grp in items])
-        for (dev,_,_,_,_),(pgs,) in buckets.items():
-            st0 = self.state[pgs[0][0]]
-            hp = self._hp(pgs[0][1], st0)
-            small = pgs
-            big = [(p,g) for p,g in pgs if self._use_kernel(p)]
-            if big:
-                sdt = st0['exp_avg'].dtype
+                                for p,gi,_ in items], [p for p,_,_ in items], [grp for _,_,grp in items])
+        for (dev,_,_,_,_),(ps,grps) in buckets.items():
+            sts = [self.state[p] for p in ps]
+            hp = self._hp(grps[0], sts[0])
+            fn = self._kernel(dev)
+            if fn is not None:
+                sdt = sts[0]['exp_avg'].dtype
                 sc = torch.tensor(_kernel_scalars(**hp), dtype=sdt, device=dev)
                 cc = torch.ones((), dtype=sdt, device=dev) if c is None else c.to(dev)
-                done = {id(p) for p,_ in big if self._run_kernel(p, self.state[p], cc, sc)}
-                small = [(p,g) for p,g in pgs if id(p) not in done]
-            if not small: continue
-            ps = [p for p,_ in small]
-            sts = [self.state[p] for p in ps]
+                left = self._step_kernel(fn, ps, sts, cc, sc)
+                ps,sts = [ps[i] for i in left],[sts[i] for i in left]
+            if not ps: continue
             gs = [p.grad.to(_state_dtype(p)) for p in ps]
             if c is not None: gs = torch._foreach_mul(gs, c.to(dev))
             _adan_foreach(ps, gs, *[[s[k] for s in sts] for k in _MOMENT_KEYS], **hp)
@@ -267,7 +287,7 @@ def adan(params,
          mom_ref:float|None=0.95, # fastai `mom` value that means β₁=betas[0] (None: `mom` is β₁)
          nonfinite:str|None=None, # None, 'skip' or 'raise'
          foreach:bool|None=None, # False: reference path
-         fused:bool|None=None, # Compiled one-pass kernel (None: large tensors)
+         fused:bool|None=None, # Compiled kernel: None where it pays off, True always, False never
         ) -> AdanOptWrapper:
     "fastai `opt_func` for `Adan`: `Learner(dls, model, opt_func=adan)`"
     return AdanOptWrapper(params, opt=Adan, mom_ref=mom_ref, lr=lr, betas=betas, eps=eps, weight_decay=wd,

@@ -16,7 +16,7 @@ from fastai.optimizer import OptimWrapper
 # %% auto #0
 __all__ = ['NONFINITE_MODES', 'default_hp_map', 'check_hyper', 'check_lr', 'check_eps', 'check_wd', 'check_beta', 'check_betas',
            'check_nonfinite_mode', 'check_dense', 'grads_finite', 'NonFiniteGradientError', 'should_skip_step',
-           'group_by_key', 'honours_do_wd', 'FastaiOptWrapper', 'takes_wd']
+           'group_by_key', 'FlatState', 'flat_state', 'honours_do_wd', 'FastaiOptWrapper', 'takes_wd']
 
 # %% ../nbs/00_core.ipynb #ec6822f4
 def check_hyper(name:str, # Name of the hyperparameter, used in the message
@@ -88,6 +88,58 @@ def group_by_key(keys:list, *lists) -> dict:
         b = res.setdefault(k, tuple([] for _ in lists))
         for dst,src in zip(b, lists): dst.append(src[i])
     return res
+
+# %% ../nbs/00_core.ipynb #72c00b39
+class FlatState:
+    "Optimizer state of `ps` (same device/dtype) held in flat buffers, one per key in `keys`, with `state[p][k]` views into them"
+    @torch.no_grad()
+    def __init__(self, ps:list, states:list, keys:tuple):
+        self.ps,self.states,self.keys = list(ps),list(states),tuple(keys)
+        self.shapes = [p.shape for p in ps]
+        self.bufs = {}
+        for k in keys:
+            self.bufs[k] = torch.cat([s[k].reshape(-1) for s in states])
+            for s,v in zip(states, self._views(self.bufs[k])): s[k] = v
+        self.views = {k: [s[k] for s in states] for k in keys}
+        self.p = torch.empty(sum(p.numel() for p in ps), dtype=ps[0].dtype, device=ps[0].device)
+        self.p_views,self.g,self.g_views = self._views(self.p),None,None
+
+    def _views(self, flat:Tensor) -> list:
+        "Views of `flat` shaped like the parameters (`narrow`, so each can be modified in place on its own)"
+        res,o = [],0
+        for sh in self.shapes:
+            n = sh.numel(); res.append(flat.narrow(0, o, n).view(sh)); o += n
+        return res
+
+    def valid(self, ps:list, states:list) -> bool:
+        "Whether this flat state still backs exactly `ps` and `states`"
+        if len(ps) != len(self.ps) or any(a is not b for a,b in zip(ps, self.ps)): return False
+        return all(s[k] is v for k in self.keys for s,v in zip(states, self.views[k]))
+
+    @torch.no_grad()
+    def gather(self) -> tuple:
+        "Copy parameters and gradients into the flat buffers; returns (flat params, flat grads)"
+        gs = [p.grad for p in self.ps]
+        if self.g is None or self.g.dtype != gs[0].dtype:
+            self.g = torch.empty(self.p.numel(), dtype=gs[0].dtype, device=self.p.device)
+            self.g_views = self._views(self.g)
+        torch._foreach_copy_(self.p_views, self.ps)
+        torch._foreach_copy_(self.g_views, gs)
+        return self.p,self.g
+
+    @torch.no_grad()
+    def scatter(self):
+        "Copy the flat parameters back into the parameters"
+        torch._foreach_copy_(self.ps, self.p_views)
+
+def flat_state(cache:dict, ps:list, states:list, keys:tuple) -> FlatState:
+    "The `FlatState` for `ps` from `cache`, (re)built if missing or stale"
+    k = tuple(id(p) for p in ps)
+    fs = cache.get(k)
+    if fs is None or not fs.valid(ps, states):
+        for o in [o for o,v in cache.items() if set(o) & set(k)]: del cache[o]
+        fs = cache[k] = FlatState(ps, states, keys)
+    return fs
 
 # %% ../nbs/00_core.ipynb #3aeaa24e
 default_hp_map = {'betas__0': 'mom', 'betas__1': 'sqr_mom', 'weight_decay': 'wd', 'momentum': 'mom'}
