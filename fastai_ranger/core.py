@@ -6,7 +6,7 @@ Docs: https://fastai-ranger.github.io/fastai-ranger/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #66dbbf52
 from __future__ import annotations
-import math
+import math, warnings
 from collections import defaultdict
 import torch
 from torch import Tensor
@@ -16,7 +16,7 @@ from fastai.optimizer import OptimWrapper
 # %% auto #0
 __all__ = ['NONFINITE_MODES', 'default_hp_map', 'check_hyper', 'check_lr', 'check_eps', 'check_wd', 'check_beta', 'check_betas',
            'check_nonfinite_mode', 'check_dense', 'grads_finite', 'NonFiniteGradientError', 'should_skip_step',
-           'group_by_key', 'FlatState', 'flat_state', 'honours_do_wd', 'FastaiOptWrapper', 'takes_wd']
+           'group_by_key', 'FlatState', 'flat_state', 'Compiled', 'honours_do_wd', 'FastaiOptWrapper', 'takes_wd']
 
 # %% ../nbs/00_core.ipynb #ec6822f4
 def check_hyper(name:str, # Name of the hyperparameter, used in the message
@@ -117,9 +117,9 @@ class FlatState:
         return all(s[k] is v for k in self.keys for s,v in zip(states, self.views[k]))
 
     @torch.no_grad()
-    def gather(self) -> tuple:
-        "Copy parameters and gradients into the flat buffers; returns (flat params, flat grads)"
-        gs = [p.grad for p in self.ps]
+    def gather(self, gs:list|None=None) -> tuple:
+        "Copy parameters and gradients (`gs`, default `p.grad`) into flat buffers; returns (flat params, flat grads)"
+        if gs is None: gs = [p.grad for p in self.ps]
         if self.g is None or self.g.dtype != gs[0].dtype:
             self.g = torch.empty(self.p.numel(), dtype=gs[0].dtype, device=self.p.device)
             self.g_views = self._views(self.g)
@@ -140,6 +140,24 @@ def flat_state(cache:dict, ps:list, states:list, keys:tuple) -> FlatState:
         for o in [o for o,v in cache.items() if set(o) & set(k)]: del cache[o]
         fs = cache[k] = FlatState(ps, states, keys)
     return fs
+
+# %% ../nbs/00_core.ipynb #f2a45b64
+class Compiled:
+    "`torch.compile(fn, dynamic=True, fullgraph=True)` on first use; sets `failed` (and returns None) if compiling fails here"
+    def __init__(self, fn, name:str): self.fn,self.name,self.cfn,self.failed = fn,name,None,False
+
+    def usable(self, dev) -> bool: return not self.failed and dev.type in ('cpu', 'cuda')
+
+    def __call__(self, *args, strict:bool=False):
+        "Run the compiled `fn`; on a compilation/runtime failure warn once and return None (raise if `strict`)"
+        try:
+            if self.cfn is None: self.cfn = torch.compile(self.fn, dynamic=True, fullgraph=True)
+            return self.cfn(*args)
+        except Exception as e:
+            if strict: raise
+            self.failed = True
+            warnings.warn(f"{self.name}: torch.compile kernel unavailable ({type(e).__name__}: {str(e)[:200]}); using the eager path")
+            return None
 
 # %% ../nbs/00_core.ipynb #3aeaa24e
 default_hp_map = {'betas__0': 'mom', 'betas__1': 'sqr_mom', 'weight_decay': 'wd', 'momentum': 'mom'}

@@ -14,7 +14,7 @@ from fastcore.basics import *
 from .core import *
 from .lookahead import *
 from .ranger import *
-from .ranger import RAdamLookaheadBase, _fused_ok
+from .ranger import RAdamLookaheadBase, _fused_ok, Ranger
 
 # %% auto #0
 __all__ = ['TRUST_MODES', 'RangerLARS', 'ranger_lars', 'LARS']
@@ -26,6 +26,52 @@ def _ratio(num:Tensor, den:Tensor, clamp:bool) -> Tensor:
     "Trust ratio from norms; 1 where either norm is 0"
     w = num.clamp(max=10.) if clamp else num
     return torch.where((num == 0) | (den == 0), torch.ones_like(num), w/den)
+
+def _direction_consts(r, bc1, bc2, eps, eps_mode) -> tuple:
+    "(A, B, C) with the RAdam direction u = A·m/(B·sqrt(v) + C), for every phase and `eps_mode`"
+    if r is None: return 1/bc1, 0., 1.
+    if eps_mode == 'fastai': return r/bc1, 1/math.sqrt(bc2), eps
+    return r*math.sqrt(bc2)/bc1, 1., eps
+
+def _lars_moments(g, m, v, sc):
+    gf = g.to(m.dtype)
+    return m*sc[0] + gf*(1-sc[0]), v*sc[1] + gf*gf*(1-sc[1])
+
+def _lars_sums(p, g, m, v, sc):
+    "Norm pass over rows of (R, K) tensors: [Σp'², Σ(kq·p' − lr·u)²] per row, from this step's moments (not stored)"
+    m2,v2 = _lars_moments(g, m, v, sc)
+    pw = p.to(m.dtype)*sc[5]
+    q = pw*sc[7] - m2*sc[2]/(v2.sqrt()*sc[3] + sc[4])*sc[6]
+    return torch.stack([(pw*pw).sum(-1), (q*q).sum(-1)], -1)
+
+def _lars_apply(p, g, m, v, c, sc):
+    "Update pass over (R, K) tensors: store the moments and p ← p' − c·u, `c` (R, 1) = lr·τ per row"
+    m2,v2 = _lars_moments(g, m, v, sc)
+    p.copy_(p.to(m.dtype)*sc[5] - m2*sc[2]/(v2.sqrt()*sc[3] + sc[4])*c)
+    m.copy_(m2); v.copy_(v2)
+
+_sums_kernel,_apply_kernel = Compiled(_lars_sums, 'RangerLARS'),Compiled(_lars_apply, 'RangerLARS')
+
+def _blocks(fs:FlatState) -> list:
+    "(offset, rows, size) of the runs of equal-size tensors in `fs` (cached on it)"
+    if not hasattr(fs, 'blocks'):
+        fs.blocks,o = [],0
+        for n in (sh.numel() for sh in fs.shapes):
+            if fs.blocks and fs.blocks[-1][2] == n: fs.blocks[-1][1] += 1
+            else: fs.blocks.append([o, 1, n])
+            o += n
+    return fs.blocks
+
+def _block_starts(blocks): return [sum(b[1] for b in blocks[:j]) for j in range(len(blocks))]
+
+def _rows(x:Tensor, k:int=1024) -> Tensor:
+    "A contiguous tensor as a (numel/k, k) matrix when k divides it, else one row: row-wise reductions vectorise best"
+    n = x.numel()
+    return x.view(n//k, k) if n % k == 0 else x.view(1, n)
+
+def _block_sumsq(x:Tensor, blocks:list) -> Tensor:
+    "Per-tensor sums of squares of a flat `x`, one row-wise reduction per block"
+    return torch.cat([x.narrow(0, o, R*K).view(R, K).pow(2).sum(1) for o,R,K in blocks])
 
 class RangerLARS(RAdamLookaheadBase):
     "Lookahead over RAdam with a per-tensor trust ratio (Over9000)"
@@ -60,26 +106,87 @@ class RangerLARS(RAdamLookaheadBase):
         else: tau = _ratio(p.norm(), u.norm(), False)
         p.sub_(lr*tau*u)
 
+    kernel_min_numel = 65536  # tensors this large get kernel calls of their own; smaller ones share calls by size
+    cpu_fused_update = True   # on CPU, run the update pass through torch's fused AdamW kernel (τ read to the host)
+
     def _update_fast(self, g, ps, grads, ms, vs, wd, t, bc1, bc2, r):
+        if self.trust is None: return Ranger._update_fast(self, g, ps, grads, ms, vs, wd, t, bc1, bc2, r)
         lr,(b1,b2),eps = float(g['lr']),g['betas'],g['eps']
-        if wd != 0: torch._foreach_mul_(ps, 1 - lr*wd)
-        torch._foreach_lerp_(ms, grads, 1-b1)
-        torch._foreach_mul_(vs, b2)
-        torch._foreach_addcmul_(vs, grads, grads, 1-b2)
-        if r is None: u = torch._foreach_mul(ms, 1/bc1)
-        else:
-            den = torch._foreach_sqrt(vs)
-            if self.eps_mode == 'fastai': torch._foreach_div_(den, math.sqrt(bc2)); torch._foreach_add_(den, eps); c = r/bc1
-            else: torch._foreach_add_(den, eps); c = r*math.sqrt(bc2)/bc1
-            u = torch._foreach_div(ms, den); torch._foreach_mul_(u, c)
-        if self.trust is not None:
-            pn = torch.stack(torch._foreach_norm(ps))
-            if self.trust == 'over9000':
-                new = torch._foreach_add(ps, u, alpha=-lr)
-                tau = _ratio(pn, torch.stack(torch._foreach_norm(new)), True); del new
-            else: tau = _ratio(pn, torch.stack(torch._foreach_norm(u)), False)
-            torch._foreach_mul_(u, list(tau.unbind()))
-        torch._foreach_add_(ps, u, alpha=-lr)
+        A,B,C = _direction_consts(r, bc1, bc2, eps, self.eps_mode)
+        hp = dict(lr=lr, b1=b1, b2=b2, A=A, B=B, C=C, a=1-lr*wd, kq=1. if self.trust == 'over9000' else 0.)
+        dev = ps[0].device
+        if not (_sums_kernel.usable(dev) and _apply_kernel.usable(dev)): return self._update_eager(ps, grads, hp)
+        big = [i for i,p in enumerate(ps) if p.numel() >= self.kernel_min_numel
+               and p.is_contiguous() and grads[i].is_contiguous() and ms[i].is_contiguous() and vs[i].is_contiguous()]
+        rest = sorted(set(range(len(ps))) - set(big), key=lambda i: ps[i].numel())
+        work = [(tuple(_rows(x) for x in (ps[i], grads[i], ms[i], vs[i])), False) for i in big]
+        fs = None
+        if rest:
+            fs = self._flat_state([ps[i] for i in rest])
+            fp,fg = fs.gather([grads[i] for i in rest])
+            m,v = fs.bufs['exp_avg'],fs.bufs['exp_avg_sq']
+            view = lambda x,o,R,K: x.narrow(0, o, R*K).view(R, K)
+            for o,R,K in _blocks(fs):
+                work.append(((view(fp,o,R,K), view(fg,o,R,K), view(m,o,R,K), view(v,o,R,K)), True))
+        if not self._update_kernels(work, hp, wd, t, r, eps): return self._update_eager(ps, grads, hp)
+        if fs is not None: fs.scatter()
+
+    def _flat_state(self, ps) -> FlatState:
+        return flat_state(self.__dict__.setdefault('_flat', {}), ps, [self.state[p] for p in ps], ('exp_avg','exp_avg_sq'))
+
+    def _tau(self, s1:Tensor, s2:Tensor, lr:float) -> Tensor:
+        "Trust ratios from Σp'² and Σ(kq·p' − lr·u)² (for 'lamb', kq = 0 so the second norm is lr·‖u‖)"
+        num,den = s1.sqrt(),s2.sqrt()
+        return _ratio(num, den, True) if self.trust == 'over9000' else _ratio(num*lr, den, False)
+
+    def _update_kernels(self, work, hp, wd, t, r, eps) -> bool:
+        "Norm pass over every (R, K) item of `work` (rows are tensors, or one tensor), then the update; False if compiling failed"
+        ms0 = work[0][0][2]
+        sc = torch.tensor([hp[k] for k in ('b1','b2','A','B','C','a','lr','kq')], dtype=ms0.dtype, device=ms0.device)
+        sums = [_sums_kernel(*x, sc) for x,_ in work]
+        if _sums_kernel.failed: return False
+        S = torch.cat([s if rows else s.sum(0, keepdim=True) for s,(_,rows) in zip(sums, work)])
+        tau = self._tau(S[:,0], S[:,1], hp['lr'])
+        dev,dt = ms0.device,work[0][0][0].dtype
+        c = (tau*hp['lr']).to(ms0.dtype)[:,None]
+        host = self.cpu_fused_update and dev.type == 'cpu' and r is not None and _fused_ok(dev, dt)
+        taus,o = tau.tolist() if host else None,0
+        for j,(x,rows) in enumerate(work):
+            n = x[0].shape[0] if rows else 1
+            if host and not rows and math.isfinite(taus[o]) and taus[o]*r > 0: self._fused_update(x, taus[o], hp, wd, t, r, eps)
+            else:
+                _apply_kernel(*x, c[o:o+n] if rows else c[o:o+1].expand(x[0].shape[0], 1), sc)
+                if _apply_kernel.failed:
+                    if j == 0: return False
+                    raise RuntimeError("RangerLARS: the compiled update stopped working in the middle of a step")
+            o += n
+        return True
+
+    def _fused_update(self, x, tau:float, hp, wd, t, r, eps):
+        "p' − lr·τ·u as torch's fused AdamW step with lr·r·τ and wd/(r·τ) (as in `Ranger`)"
+        eps_f = eps if self.eps_mode == 'fastai' else eps/math.sqrt(1 - hp['b2']**t)
+        torch._fused_adamw_(*[[o] for o in x], [], [torch.tensor(float(t))], amsgrad=False, lr=hp['lr']*r*tau,
+                            beta1=hp['b1'], beta2=hp['b2'], weight_decay=wd/(r*tau), eps=eps_f, maximize=False,
+                            grad_scale=None, found_inf=None)
+
+    def _update_eager(self, ps, grads, hp):
+        "Without a compiler: all tensors at once in flat buffers (`FlatState`), per-tensor norms over equal-size blocks"
+        order = sorted(range(len(ps)), key=lambda i: ps[i].numel())
+        ps,grads = [ps[i] for i in order],[grads[i] for i in order]
+        fs = self._flat_state(ps)
+        fp,fg = fs.gather(grads)
+        m,v = fs.bufs['exp_avg'],fs.bufs['exp_avg_sq']
+        if fg.dtype != m.dtype: fg = fg.to(m.dtype)
+        m.lerp_(fg, 1-hp['b1']); v.mul_(hp['b2']).addcmul_(fg, fg, value=1-hp['b2'])
+        u = v.sqrt().mul_(hp['B']).add_(hp['C'])
+        torch.div(m, u, out=u).mul_(hp['A'])
+        if hp['a'] != 1: fp.mul_(hp['a'])
+        blocks = _blocks(fs)
+        q = fp*hp['kq'] - u*hp['lr']
+        tau = self._tau(_block_sumsq(fp, blocks), _block_sumsq(q, blocks), hp['lr']).to(u.dtype)
+        for (o,R,K),i in zip(blocks, _block_starts(blocks)): u.narrow(0, o, R*K).view(R, K).mul_(tau[i:i+R, None])
+        fp.add_(u, alpha=-hp['lr'])
+        fs.scatter()
 
 # %% ../nbs/03_ranger_lars.ipynb #9498b9c7
 def ranger_lars(params, lr:float=1e-3, mom:float=0.95, sqr_mom:float=0.99, eps:float=1e-6, wd:float=1e-2, k:int=6,
