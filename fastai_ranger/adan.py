@@ -75,12 +75,7 @@ def _kernel_scalars(beta1, beta2, beta3, lr, eps, wd, no_prox, t):
     a,bdiv = (1-lr*wd, 1.) if no_prox else (1., 1+lr*wd)
     return [beta1, beta2, beta3, lr/(1-beta1**t), lr*beta2/(1-beta2**t), 1/math.sqrt(1-beta3**t), eps, a, 1/bdiv]
 
-_compiled = {}
-def _get_compiled():
-    "The lazily compiled `_adan_kernel` (None if compilation was found not to work here)"
-    if 'fn' not in _compiled:
-        _compiled['fn'] = torch.compile(_adan_kernel, dynamic=True, fullgraph=True)
-    return _compiled['fn']
+_adan_compiled = Compiled(_adan_kernel, 'Adan')
 
 # %% ../nbs/04_adan.ipynb #83f16a4e
 def _adan_foreach(ps, gs, ms, vs, ns, prevs, *, beta1, beta2, beta3, lr, eps, wd, no_prox, t):
@@ -168,19 +163,12 @@ class Adan(torch.optim.Optimizer):
 
     def _kernel(self, dev):
         "The compiled kernel if it may be used on `dev`, else None"
-        if self.fused is False or _compiled.get('fn', 0) is None or dev.type not in ('cpu', 'cuda'): return None
-        return _get_compiled()
+        return None if self.fused is False or not _adan_compiled.usable(dev) else _adan_compiled
 
     def _call_kernel(self, fn, *args) -> bool:
-        "Run the compiled kernel; False (after a one-time warning) if compilation does not work here"
-        try: fn(*args)
-        except Exception as e:
-            if self.fused: raise
-            _compiled['fn'] = None
-            warnings.warn(f"Adan: torch.compile kernel unavailable ({type(e).__name__}: {str(e)[:200]}); "
-                          "using the multi-tensor path")
-            return False
-        return True
+        "Run the compiled kernel; False (after a one-time warning) if compilation does not work here (raise if `fused=True`)"
+        fn(*args, strict=self.fused is True)
+        return not fn.failed
 
     def _step_kernel(self, fn, ps, sts, c, sc) -> list:
         "Large tensors one kernel call each, the rest concatenated into one flat call; returns what it did not do"
