@@ -7,16 +7,18 @@ Docs: https://fastai-ranger.github.io/fastai-ranger/core.html.md"""
 # %% ../nbs/00_core.ipynb #66dbbf52
 from __future__ import annotations
 import math, warnings
-from collections import defaultdict
+from collections import defaultdict, OrderedDict
 import torch
 from torch import Tensor
+from torch.optim import Optimizer
 from fastcore.basics import *
 from fastai.optimizer import OptimWrapper
 
 # %% auto #0
 __all__ = ['NONFINITE_MODES', 'default_hp_map', 'check_hyper', 'check_lr', 'check_eps', 'check_wd', 'check_beta', 'check_betas',
            'check_nonfinite_mode', 'check_dense', 'grads_finite', 'NonFiniteGradientError', 'should_skip_step',
-           'group_by_key', 'FlatState', 'flat_state', 'Compiled', 'honours_do_wd', 'FastaiOptWrapper', 'takes_wd']
+           'group_by_key', 'FlatState', 'flat_state', 'Compiled', 'WrappedOptimizer', 'honours_do_wd',
+           'FastaiOptWrapper', 'takes_wd']
 
 # %% ../nbs/00_core.ipynb #ec6822f4
 def check_hyper(name:str, # Name of the hyperparameter, used in the message
@@ -158,6 +160,39 @@ class Compiled:
             self.failed = True
             warnings.warn(f"{self.name}: torch.compile kernel unavailable ({type(e).__name__}: {str(e)[:200]}); using the eager path")
             return None
+
+# %% ../nbs/00_core.ipynb #3d8315f6
+_HOOK_TABLES = ('_optimizer_step_pre_hooks', '_optimizer_step_post_hooks', '_optimizer_state_dict_pre_hooks',
+                '_optimizer_state_dict_post_hooks', '_optimizer_load_state_dict_pre_hooks',
+                '_optimizer_load_state_dict_post_hooks')
+
+class WrappedOptimizer(Optimizer):
+    "Base of optimizers that wrap a torch `optimizer`, sharing its param groups and state"
+    def __init__(self, optimizer:Optimizer):
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"{type(self).__name__} wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.optimizer = optimizer
+        for n in _HOOK_TABLES: setattr(self, n, OrderedDict())
+        self._zero_grad_profile_name = f"Optimizer.zero_grad#{type(self).__name__}.zero_grad"
+
+    @property
+    def param_groups(self): return self.optimizer.param_groups
+    @param_groups.setter
+    def param_groups(self, v): self.optimizer.param_groups = v
+    @property
+    def state(self): return self.optimizer.state
+    @state.setter
+    def state(self, v): self.optimizer.state = v
+    @property
+    def defaults(self): return self.optimizer.defaults
+    @defaults.setter
+    def defaults(self, v): self.optimizer.defaults = v
+
+    def __repr__(self): return f"{type(self).__name__}({self.optimizer!r})"
+    def state_dict(self): return self.optimizer.state_dict()
+    def load_state_dict(self, state_dict): self.optimizer.load_state_dict(state_dict)
+    def zero_grad(self, set_to_none:bool=True): self.optimizer.zero_grad(set_to_none=set_to_none)
+    def add_param_group(self, param_group:dict): self.optimizer.add_param_group(param_group)
 
 # %% ../nbs/00_core.ipynb #3aeaa24e
 default_hp_map = {'betas__0': 'mom', 'betas__1': 'sqr_mom', 'weight_decay': 'wd', 'momentum': 'mom'}

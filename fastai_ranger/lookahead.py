@@ -75,46 +75,23 @@ class LookaheadMixin:
         finally: self.swap_slow_weights()
 
 # %% ../nbs/01_lookahead.ipynb #8298317b
-class Lookahead(LookaheadMixin, Optimizer):
+class Lookahead(LookaheadMixin, WrappedOptimizer):
     "Lookahead (slow weights, sync every `k` steps with step `alpha`) around a torch `optimizer`"
     def __init__(self, optimizer:Optimizer, # The inner ("fast") torch optimizer
                  k:int=6, # Sync period, in steps of each parameter
                  alpha:float=0.5, # Slow-weight step size
                  foreach:bool=True # Multi-tensor sync
                 ):
-        if not isinstance(optimizer, Optimizer): raise TypeError(f"Lookahead wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        super().__init__(optimizer)
         check_k(k); check_alpha(alpha)
         for g in optimizer.param_groups:
             for n in ('k','alpha'):
                 if n in g and not isinstance(optimizer, Lookahead):
                     raise ValueError(f"{type(optimizer).__name__} already uses a param-group key {n!r}; Lookahead cannot add its own")
-        self.optimizer,self.foreach = optimizer,foreach
+        self.foreach = foreach
         self.optimizer.defaults.update(k=k, alpha=alpha)
         for g in self.param_groups: g.setdefault('k', k); g.setdefault('alpha', alpha)
-        # what torch.optim.Optimizer.__init__ would set up (hooks, profiling name)
-        from collections import OrderedDict
-        for n in ('_optimizer_step_pre_hooks','_optimizer_step_post_hooks','_optimizer_state_dict_pre_hooks',
-                  '_optimizer_state_dict_post_hooks','_optimizer_load_state_dict_pre_hooks','_optimizer_load_state_dict_post_hooks'):
-            setattr(self, n, OrderedDict())
-        self._zero_grad_profile_name = "Optimizer.zero_grad#Lookahead.zero_grad"
 
-    @property
-    def param_groups(self): return self.optimizer.param_groups
-    @param_groups.setter
-    def param_groups(self, v): self.optimizer.param_groups = v
-    @property
-    def state(self): return self.optimizer.state
-    @state.setter
-    def state(self, v): self.optimizer.state = v
-    @property
-    def defaults(self): return self.optimizer.defaults
-    @defaults.setter
-    def defaults(self, v): self.optimizer.defaults = v
-
-    def __repr__(self): return f"Lookahead({self.optimizer!r})"
-    def state_dict(self): return self.optimizer.state_dict()
-    def load_state_dict(self, state_dict): self.optimizer.load_state_dict(state_dict)
-    def zero_grad(self, set_to_none:bool=True): self.optimizer.zero_grad(set_to_none=set_to_none)
     def add_param_group(self, param_group:dict):
         param_group = {'k': self.defaults['k'], 'alpha': self.defaults['alpha'], **param_group}
         check_k(param_group['k']); check_alpha(param_group['alpha'])

@@ -198,7 +198,7 @@ def ranger_lars(params, lr:float=1e-3, mom:float=0.95, sqr_mom:float=0.99, eps:f
                             nonfinite=nonfinite, foreach=foreach)
 
 # %% ../nbs/03_ranger_lars.ipynb #30a0e952
-class LARS(Optimizer):
+class LARS(WrappedOptimizer):
     "apex-LARC-style layer-wise trust ratio around a torch `optimizer` (scales gradients before its step)"
     def __init__(self, optimizer:Optimizer, # Inner torch optimizer (e.g. SGD with momentum)
                  trust_coef:float=1e-3, # Trust coefficient η
@@ -206,31 +206,10 @@ class LARS(Optimizer):
                  eps:float=1e-8, # Added to the denominator
                  exclude_1d:bool=True # Don't adapt 1-d tensors (BN weights, biases)
                 ):
-        if not isinstance(optimizer, Optimizer): raise TypeError(f"LARS wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        super().__init__(optimizer)
         check_hyper('trust_coef', trust_coef, isinstance(trust_coef, (int,float)) and trust_coef > 0, "a number > 0")
         check_eps(eps)
-        store_attr('optimizer,trust_coef,clip,eps,exclude_1d')
-        from collections import OrderedDict
-        for n in ('_optimizer_step_pre_hooks','_optimizer_step_post_hooks','_optimizer_state_dict_pre_hooks',
-                  '_optimizer_state_dict_post_hooks','_optimizer_load_state_dict_pre_hooks','_optimizer_load_state_dict_post_hooks'):
-            setattr(self, n, OrderedDict())
-        self._zero_grad_profile_name = "Optimizer.zero_grad#LARS.zero_grad"
-
-    @property
-    def param_groups(self): return self.optimizer.param_groups
-    @param_groups.setter
-    def param_groups(self, v): self.optimizer.param_groups = v
-    @property
-    def state(self): return self.optimizer.state
-    @state.setter
-    def state(self, v): self.optimizer.state = v
-    @property
-    def defaults(self): return self.optimizer.defaults
-    def __repr__(self): return f"LARS({self.optimizer!r})"
-    def state_dict(self): return self.optimizer.state_dict()
-    def load_state_dict(self, sd): self.optimizer.load_state_dict(sd)
-    def zero_grad(self, set_to_none:bool=True): self.optimizer.zero_grad(set_to_none=set_to_none)
-    def add_param_group(self, param_group): self.optimizer.add_param_group(param_group)
+        store_attr('trust_coef,clip,eps,exclude_1d')
 
     @torch.no_grad()
     def _adapt(self, g):
