@@ -48,7 +48,7 @@ def get_opt_func(cfg):
     if cfg.opt not in OPTIMIZERS: raise ValueError(f"Invalid opt: {cfg.opt!r} (expected one of {', '.join(OPTIMIZERS)})")
     f = _opt_src(cfg.opt)
     ps = inspect.signature(f).parameters
-    hp = {k:cfg.get(k) for k in ('mom','sqr_mom','beta3','eps','wd','k','alpha') if cfg.get(k) is not None}
+    hp = {k:cfg.get(k) for k in ('mom','sqr_mom','beta3','eps','wd','k','alpha','nonfinite') if cfg.get(k) is not None}
     if 'betas' in ps and any(k in hp for k in ('mom','sqr_mom','beta3')):
         d = ps['betas'].default
         hp['betas'] = tuple(hp.pop(k, d[i]) for i,k in enumerate(('mom','sqr_mom','beta3')[:len(d)]))
@@ -71,7 +71,7 @@ def build_model(cfg, n_out:int):
 # %% ../nbs/23_train.ipynb #9aa9a9aa
 OPT_HYPERS = ('mom','sqr_mom','beta3','eps','k','alpha')
 RUN_DEFAULTS = dict(runs=1, seed=42, workers=None, device=None, channels_last=False, deterministic=False, skip_bad=False,
-                    check_images=False, max_train_batches=None, max_valid_batches=None)
+                    check_images=False, max_train_batches=None, max_valid_batches=None, nonfinite=None)
 _CELL_KEYS = ('dataset','size','epochs','data_copy')
 
 def make_config(recipe:str=None, dataset:str=None, size:int=None, epochs:int=None, **overrides) -> AttrDict:
@@ -121,6 +121,10 @@ def check_config(cfg):
     check_model_name(cfg.arch)
     check_hyper('act', cfg.act, cfg.act in ACTS, f"one of {', '.join(ACTS)}")
     check_hyper('pool', cfg.pool, cfg.pool in ('MaxPool','AvgPool'), "MaxPool or AvgPool")
+    if cfg.get('nonfinite') is not None:
+        check_hyper('nonfinite', cfg.nonfinite, cfg.nonfinite in ('skip','raise'), "'skip' or 'raise'")
+        if 'nonfinite' not in inspect.signature(_opt_src(cfg.opt)).parameters:
+            raise ValueError(f"Invalid nonfinite: opt {cfg.opt!r} has no non-finite gradient policy (use ranger, ranger_lars or adan)")
     get_opt_func(cfg)([nn.Parameter(torch.zeros(2,2))], lr=cfg.lr) # the optimizer's own checks
     return cfg
 
@@ -415,6 +419,7 @@ def main(recipe:str=None, # Recipe name (--list shows them)
          max_valid_batches:int=None, # Smoke runs: a random subset of this many validation batches
          skip_bad:bool=False, # Decode every image first and skip unreadable ones with a warning
          check_images:bool=False, # Decode every image first and stop listing unreadable ones
+         nonfinite:str=None, # Optimizer policy for inf/NaN gradients: skip (the step) or raise (ranger, ranger_lars, adan)
          quiet:bool=False, # No progress bars
         ):
     "Train an ImageNette/ImageWoof leaderboard recipe with Ranger, RangerLARS or Adan and report mean ± sd against the record"
@@ -430,7 +435,8 @@ def main(recipe:str=None, # Recipe name (--list shows them)
         kw = {k_:v for k_,v in kw.items() if v is not None}
         if resume is None:
             kw.update(runs=runs, seed=seed, workers=workers, device=device, channels_last=channels_last, deterministic=deterministic,
-                      skip_bad=skip_bad, check_images=check_images, max_train_batches=max_train_batches, max_valid_batches=max_valid_batches)
+                      skip_bad=skip_bad, check_images=check_images, max_train_batches=max_train_batches, max_valid_batches=max_valid_batches,
+                      nonfinite=nonfinite)
         train(recipe, dataset, size, epochs, out=out, resume=resume, quiet=quiet, **kw)
     except KeyboardInterrupt:
         print(f"\nInterrupted. Continue with: fastai-ranger-train --resume {out or resume or '<the --out folder>'}", file=sys.stderr)

@@ -82,6 +82,7 @@ CASES = {
     'recipe':  ['--recipe','imagenete-128-5'],
     'prec':    ['--recipe','sample-quick','--fp16','--bf16'],
     'nothing': [],
+    'nonfinite': ['--recipe','sample-quick','--opt','adam','--nonfinite','skip'],
 }
 
 @pytest.fixture(scope='module')
@@ -105,7 +106,8 @@ def test_list(quick):
         assert n in out, n
     assert '87.43' in out and '88.58' in out
 
-@pytest.mark.parametrize('case,msg', [('recipe','did you mean imagenette-128-5'), ('prec','Choose one of'), ('nothing','Nothing to train')])
+@pytest.mark.parametrize('case,msg', [('recipe','did you mean imagenette-128-5'), ('prec','Choose one of'), ('nothing','Nothing to train'),
+                                      ('nonfinite','has no non-finite gradient policy')])
 def test_bad_input(quick, case, msg):
     rc,out,err = quick[case]
     assert rc == 1, (rc, out[-2000:], err[-2000:])
