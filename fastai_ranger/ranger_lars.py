@@ -33,21 +33,24 @@ def _direction_consts(r, bc1, bc2, eps, eps_mode) -> tuple:
     if eps_mode == 'fastai': return r/bc1, 1/math.sqrt(bc2), eps
     return r*math.sqrt(bc2)/bc1, 1., eps
 
+def _acc(dt): return torch.float64 if dt == torch.float64 else torch.float32  # math (and sums) in at least fp32
+
 def _lars_moments(g, m, v, sc):
-    gf = g.to(m.dtype)
-    return m*sc[0] + gf*(1-sc[0]), v*sc[1] + gf*gf*(1-sc[1])
+    dt = _acc(m.dtype)
+    gf,mf,vf = g.to(dt),m.to(dt),v.to(dt)
+    return mf*sc[0] + gf*(1-sc[0]), vf*sc[1] + gf*gf*(1-sc[1])
 
 def _lars_sums(p, g, m, v, sc):
     "Norm pass over rows of (R, K) tensors: [Σp'², Σ(kq·p' − lr·u)²] per row, from this step's moments (not stored)"
     m2,v2 = _lars_moments(g, m, v, sc)
-    pw = p.to(m.dtype)*sc[5]
+    pw = p.to(m2.dtype)*sc[5]
     q = pw*sc[7] - m2*sc[2]/(v2.sqrt()*sc[3] + sc[4])*sc[6]
     return torch.stack([(pw*pw).sum(-1), (q*q).sum(-1)], -1)
 
 def _lars_apply(p, g, m, v, c, sc):
     "Update pass over (R, K) tensors: store the moments and p ← p' − c·u, `c` (R, 1) = lr·τ per row"
     m2,v2 = _lars_moments(g, m, v, sc)
-    p.copy_(p.to(m.dtype)*sc[5] - m2*sc[2]/(v2.sqrt()*sc[3] + sc[4])*c)
+    p.copy_(p.to(m2.dtype)*sc[5] - m2*sc[2]/(v2.sqrt()*sc[3] + sc[4])*c)
     m.copy_(m2); v.copy_(v2)
 
 _sums_kernel,_apply_kernel = Compiled(_lars_sums, 'RangerLARS'),Compiled(_lars_apply, 'RangerLARS')
@@ -71,7 +74,7 @@ def _rows(x:Tensor, k:int=1024) -> Tensor:
 
 def _block_sumsq(x:Tensor, blocks:list) -> Tensor:
     "Per-tensor sums of squares of a flat `x`, one row-wise reduction per block"
-    return torch.cat([x.narrow(0, o, R*K).view(R, K).pow(2).sum(1) for o,R,K in blocks])
+    return torch.cat([x.narrow(0, o, R*K).view(R, K).to(_acc(x.dtype)).pow(2).sum(1) for o,R,K in blocks])
 
 class RangerLARS(RAdamLookaheadBase):
     "Lookahead over RAdam with a per-tensor trust ratio (Over9000)"
@@ -142,13 +145,13 @@ class RangerLARS(RAdamLookaheadBase):
     def _update_kernels(self, work, hp, wd, t, r, eps) -> bool:
         "Norm pass over every (R, K) item of `work` (rows are tensors, or one tensor), then the update; False if compiling failed"
         ms0 = work[0][0][2]
-        sc = torch.tensor([hp[k] for k in ('b1','b2','A','B','C','a','lr','kq')], dtype=ms0.dtype, device=ms0.device)
+        sc = torch.tensor([hp[k] for k in ('b1','b2','A','B','C','a','lr','kq')], dtype=_acc(ms0.dtype), device=ms0.device)
         sums = [_sums_kernel(*x, sc) for x,_ in work]
         if _sums_kernel.failed: return False
         S = torch.cat([s if rows else s.sum(0, keepdim=True) for s,(_,rows) in zip(sums, work)])
         tau = self._tau(S[:,0], S[:,1], hp['lr'])
         dev,dt = ms0.device,work[0][0][0].dtype
-        c = (tau*hp['lr']).to(ms0.dtype)[:,None]
+        c = (tau*hp['lr']).to(sc.dtype)[:,None]
         host = self.cpu_fused_update and dev.type == 'cpu' and r is not None and _fused_ok(dev, dt)
         taus,o = tau.tolist() if host else None,0
         for j,(x,rows) in enumerate(work):
