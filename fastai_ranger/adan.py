@@ -176,7 +176,8 @@ class Adan(torch.optim.Optimizer):
         rest = sorted(set(range(len(ps))) - set(big))
         for j,i in enumerate(big):
             p,st = ps[i],sts[i]
-            if not self._call_kernel(fn, p.view(-1), p.grad.view(-1), *[st[k].view(-1) for k in _MOMENT_KEYS], c, sc):
+            al = self.__dict__.setdefault('_aliases', AliasCache())   # plain flat tensors: one compiled graph for all
+            if not self._call_kernel(fn, al(p), alias(p.grad), *[al(st[k]) for k in _MOMENT_KEYS], c, sc):
                 return big[j:] + rest
         if self.fused is not True and sum(ps[i].numel() for i in rest) < self.fused_min_numel: return rest
         if rest and not self._flat_kernel(fn, [ps[i] for i in rest], [sts[i] for i in rest], c, sc): return rest

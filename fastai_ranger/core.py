@@ -17,8 +17,8 @@ from fastai.optimizer import OptimWrapper
 # %% auto #0
 __all__ = ['NONFINITE_MODES', 'default_hp_map', 'check_hyper', 'check_lr', 'check_eps', 'check_wd', 'check_beta', 'check_betas',
            'check_nonfinite_mode', 'check_dense', 'grads_finite', 'NonFiniteGradientError', 'should_skip_step',
-           'group_by_key', 'FlatState', 'flat_state', 'Compiled', 'WrappedOptimizer', 'honours_do_wd',
-           'FastaiOptWrapper', 'takes_wd']
+           'group_by_key', 'FlatState', 'flat_state', 'Compiled', 'alias', 'AliasCache', 'WrappedOptimizer',
+           'honours_do_wd', 'FastaiOptWrapper', 'takes_wd']
 
 # %% ../nbs/00_core.ipynb #ec6822f4
 def check_hyper(name:str, # Name of the hyperparameter, used in the message
@@ -95,23 +95,33 @@ def group_by_key(keys:list, *lists) -> dict:
 class FlatState:
     "Optimizer state of `ps` (same device/dtype) held in flat buffers, one per key in `keys`, with `state[p][k]` views into them"
     @torch.no_grad()
-    def __init__(self, ps:list, states:list, keys:tuple):
-        self.ps,self.states,self.keys = list(ps),list(states),tuple(keys)
+    def __init__(self, ps:list, states:list, keys:tuple,
+                 align:int=1): # Each tensor starts at a multiple of `align` elements (zero padding between)
+        self.ps,self.states,self.keys,self.align = list(ps),list(states),tuple(keys),align
         self.shapes = [p.shape for p in ps]
+        self.offsets,o = [],0
+        for sh in self.shapes: self.offsets.append(o); o += -(-sh.numel()//align)*align
+        self.numel,dev = o,ps[0].device
         self.bufs = {}
         for k in keys:
-            self.bufs[k] = torch.cat([s[k].reshape(-1) for s in states])
-            for s,v in zip(states, self._views(self.bufs[k])): s[k] = v
+            self.bufs[k] = torch.zeros(o, dtype=states[0][k].dtype, device=dev)
+            vs = self._views(self.bufs[k])
+            torch._foreach_copy_(vs, [s[k] for s in states])
+            for s,v in zip(states, vs): s[k] = v
         self.views = {k: [s[k] for s in states] for k in keys}
-        self.p = torch.empty(sum(p.numel() for p in ps), dtype=ps[0].dtype, device=ps[0].device)
+        self.p = torch.zeros(o, dtype=ps[0].dtype, device=dev)
         self.p_views,self.g,self.g_views = self._views(self.p),None,None
 
     def _views(self, flat:Tensor) -> list:
         "Views of `flat` shaped like the parameters (`narrow`, so each can be modified in place on its own)"
-        res,o = [],0
-        for sh in self.shapes:
-            n = sh.numel(); res.append(flat.narrow(0, o, n).view(sh)); o += n
-        return res
+        return [flat.narrow(0, o, sh.numel()).view(sh) for o,sh in zip(self.offsets, self.shapes)]
+
+    def row_segments(self) -> Tensor:
+        "For the flat buffers as (numel/align, align) rows: the index of the tensor each row belongs to"
+        if not hasattr(self, '_rows'):
+            n = torch.tensor([-(-sh.numel()//self.align) for sh in self.shapes])
+            self._rows = torch.repeat_interleave(torch.arange(len(self.shapes)), n).to(self.p.device)
+        return self._rows
 
     def valid(self, ps:list, states:list) -> bool:
         "Whether this flat state still backs exactly `ps` and `states`"
@@ -123,7 +133,7 @@ class FlatState:
         "Copy parameters and gradients (`gs`, default `p.grad`) into flat buffers; returns (flat params, flat grads)"
         if gs is None: gs = [p.grad for p in self.ps]
         if self.g is None or self.g.dtype != gs[0].dtype:
-            self.g = torch.empty(self.p.numel(), dtype=gs[0].dtype, device=self.p.device)
+            self.g = torch.zeros(self.numel, dtype=gs[0].dtype, device=self.p.device)
             self.g_views = self._views(self.g)
         torch._foreach_copy_(self.p_views, self.ps)
         torch._foreach_copy_(self.g_views, gs)
@@ -134,13 +144,13 @@ class FlatState:
         "Copy the flat parameters back into the parameters"
         torch._foreach_copy_(self.ps, self.p_views)
 
-def flat_state(cache:dict, ps:list, states:list, keys:tuple) -> FlatState:
+def flat_state(cache:dict, ps:list, states:list, keys:tuple, align:int=1) -> FlatState:
     "The `FlatState` for `ps` from `cache`, (re)built if missing or stale"
-    k = tuple(id(p) for p in ps)
+    k = (align,) + tuple(id(p) for p in ps)
     fs = cache.get(k)
     if fs is None or not fs.valid(ps, states):
-        for o in [o for o,v in cache.items() if set(o) & set(k)]: del cache[o]
-        fs = cache[k] = FlatState(ps, states, keys)
+        for o in [o for o in cache if set(o[1:]) & set(k[1:])]: del cache[o]
+        fs = cache[k] = FlatState(ps, states, keys, align)
     return fs
 
 # %% ../nbs/00_core.ipynb #f2a45b64
@@ -160,6 +170,24 @@ class Compiled:
             self.failed = True
             warnings.warn(f"{self.name}: torch.compile kernel unavailable ({type(e).__name__}: {str(e)[:200]}); using the eager path")
             return None
+
+# %% ../nbs/00_core.ipynb #0b368476
+def alias(t:Tensor, shape:tuple|None=None, offset:int=0) -> Tensor:
+    "A contiguous tensor of `shape` (default: flat) over `t`'s memory from element `offset`: not a view, no autograd"
+    assert t.is_contiguous(), "alias needs a contiguous tensor"
+    shape = (t.numel(),) if shape is None else tuple(shape)
+    stride,acc = [],1
+    for n in reversed(shape): stride.insert(0, acc); acc *= n
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset()+offset, shape, stride)
+
+class AliasCache:
+    "`alias(t)` of long-lived tensors (parameters, optimizer state), made again only if `t`'s memory changed"
+    def __init__(self): self.d = {}
+    def __call__(self, t:Tensor) -> Tensor:
+        k = (id(t), t.data_ptr(), t.numel(), t.dtype)
+        a = self.d.get(id(t))
+        if a is None or a[0] != k: a = self.d[id(t)] = (k, alias(t))
+        return a[1]
 
 # %% ../nbs/00_core.ipynb #3d8315f6
 _HOOK_TABLES = ('_optimizer_step_pre_hooks', '_optimizer_step_post_hooks', '_optimizer_state_dict_pre_hooks',

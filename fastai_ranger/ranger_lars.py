@@ -41,40 +41,33 @@ def _lars_moments(g, m, v, sc):
     return mf*sc[0] + gf*(1-sc[0]), vf*sc[1] + gf*gf*(1-sc[1])
 
 def _lars_sums(p, g, m, v, sc):
-    "Norm pass over rows of (R, K) tensors: [Σp'², Σ(kq·p' − lr·u)²] per row, from this step's moments (not stored)"
+    "Norm pass over a flat tensor, or the rows of (R, K) ones: [Σp'², Σ(kq·p' − lr·u)²] from this step's moments (not stored)"
     m2,v2 = _lars_moments(g, m, v, sc)
     pw = p.to(m2.dtype)*sc[5]
     q = pw*sc[7] - m2*sc[2]/(v2.sqrt()*sc[3] + sc[4])*sc[6]
     return torch.stack([(pw*pw).sum(-1), (q*q).sum(-1)], -1)
 
 def _lars_apply(p, g, m, v, c, sc):
-    "Update pass over (R, K) tensors: store the moments and p ← p' − c·u, `c` (R, 1) = lr·τ per row"
+    "Update pass: store the moments and p ← p' − c·u, with `c` = lr·τ (0-d, or (R, 1) per row)"
     m2,v2 = _lars_moments(g, m, v, sc)
     p.copy_(p.to(m2.dtype)*sc[5] - m2*sc[2]/(v2.sqrt()*sc[3] + sc[4])*c)
     m.copy_(m2); v.copy_(v2)
 
 _sums_kernel,_apply_kernel = Compiled(_lars_sums, 'RangerLARS'),Compiled(_lars_apply, 'RangerLARS')
 
-def _blocks(fs:FlatState) -> list:
-    "(offset, rows, size) of the runs of equal-size tensors in `fs` (cached on it)"
-    if not hasattr(fs, 'blocks'):
-        fs.blocks,o = [],0
-        for n in (sh.numel() for sh in fs.shapes):
-            if fs.blocks and fs.blocks[-1][2] == n: fs.blocks[-1][1] += 1
-            else: fs.blocks.append([o, 1, n])
-            o += n
-    return fs.blocks
+def _flat_rows(fs:FlatState) -> tuple:
+    "(p, g, m, v) of `fs` as (R, align) matrices that are not views (see `alias`), made once per buffer set"
+    key = (fs.p.data_ptr(), fs.g.data_ptr())
+    if getattr(fs, 'rows_key', None) != key:
+        shape = (fs.numel//fs.align, fs.align)
+        fs.rows = tuple(alias(b, shape) for b in (fs.p, fs.g, fs.bufs['exp_avg'], fs.bufs['exp_avg_sq']))
+        fs.rows_key = key
+    return fs.rows
 
-def _block_starts(blocks): return [sum(b[1] for b in blocks[:j]) for j in range(len(blocks))]
-
-def _rows(x:Tensor, k:int=1024) -> Tensor:
-    "A contiguous tensor as a (numel/k, k) matrix when k divides it, else one row: row-wise reductions vectorise best"
-    n = x.numel()
-    return x.view(n//k, k) if n % k == 0 else x.view(1, n)
-
-def _block_sumsq(x:Tensor, blocks:list) -> Tensor:
-    "Per-tensor sums of squares of a flat `x`, one row-wise reduction per block"
-    return torch.cat([x.narrow(0, o, R*K).view(R, K).to(_acc(x.dtype)).pow(2).sum(1) for o,R,K in blocks])
+def _row_sums(rows:Tensor, fs:FlatState) -> Tensor:
+    "Per-tensor sums from per-row sums of `fs`'s buffers as (R, align) rows"
+    seg = fs.row_segments()
+    return torch.zeros((len(fs.ps),)+rows.shape[1:], dtype=rows.dtype, device=rows.device).index_add_(0, seg, rows)
 
 class RangerLARS(RAdamLookaheadBase):
     "Lookahead over RAdam with a per-tensor trust ratio (Over9000)"
@@ -109,7 +102,8 @@ class RangerLARS(RAdamLookaheadBase):
         else: tau = _ratio(p.norm(), u.norm(), False)
         p.sub_(lr*tau*u)
 
-    kernel_min_numel = 65536  # tensors this large get kernel calls of their own; smaller ones share calls by size
+    kernel_min_numel = 65536  # tensors this large get kernel calls of their own; smaller ones share one call
+    row_width = 512           # the small tensors' flat buffers are read as rows of this many elements
     cpu_fused_update = True   # on CPU, run the update pass through torch's fused AdamW kernel (τ read to the host)
 
     def _update_fast(self, g, ps, grads, ms, vs, wd, t, bc1, bc2, r):
@@ -121,49 +115,47 @@ class RangerLARS(RAdamLookaheadBase):
         if not (_sums_kernel.usable(dev) and _apply_kernel.usable(dev)): return self._update_eager(ps, grads, hp)
         big = [i for i,p in enumerate(ps) if p.numel() >= self.kernel_min_numel
                and p.is_contiguous() and grads[i].is_contiguous() and ms[i].is_contiguous() and vs[i].is_contiguous()]
-        rest = sorted(set(range(len(ps))) - set(big), key=lambda i: ps[i].numel())
-        work = [(tuple(_rows(x) for x in (ps[i], grads[i], ms[i], vs[i])), False) for i in big]
+        rest = [i for i in range(len(ps)) if i not in set(big)]
+        al = self.__dict__.setdefault('_aliases', AliasCache())
+        items = [(al(ps[i]), alias(grads[i]), al(ms[i]), al(vs[i])) for i in big]
         fs = None
         if rest:
             fs = self._flat_state([ps[i] for i in rest])
-            fp,fg = fs.gather([grads[i] for i in rest])
-            m,v = fs.bufs['exp_avg'],fs.bufs['exp_avg_sq']
-            view = lambda x,o,R,K: x.narrow(0, o, R*K).view(R, K)
-            for o,R,K in _blocks(fs):
-                work.append(((view(fp,o,R,K), view(fg,o,R,K), view(m,o,R,K), view(v,o,R,K)), True))
-        if not self._update_kernels(work, hp, wd, t, r, eps): return self._update_eager(ps, grads, hp)
+            fs.gather([grads[i] for i in rest])
+        if not self._update_kernels(items, fs, hp, wd, t, r, eps): return self._update_eager(ps, grads, hp)
         if fs is not None: fs.scatter()
 
-    def _flat_state(self, ps) -> FlatState:
-        return flat_state(self.__dict__.setdefault('_flat', {}), ps, [self.state[p] for p in ps], ('exp_avg','exp_avg_sq'))
+    def _flat_state(self, ps, align=None) -> FlatState:
+        return flat_state(self.__dict__.setdefault('_flat', {}), ps, [self.state[p] for p in ps], ('exp_avg','exp_avg_sq'),
+                          align=ifnone(align, self.row_width))
 
     def _tau(self, s1:Tensor, s2:Tensor, lr:float) -> Tensor:
         "Trust ratios from Σp'² and Σ(kq·p' − lr·u)² (for 'lamb', kq = 0 so the second norm is lr·‖u‖)"
         num,den = s1.sqrt(),s2.sqrt()
         return _ratio(num, den, True) if self.trust == 'over9000' else _ratio(num*lr, den, False)
 
-    def _update_kernels(self, work, hp, wd, t, r, eps) -> bool:
-        "Norm pass over every (R, K) item of `work` (rows are tensors, or one tensor), then the update; False if compiling failed"
-        ms0 = work[0][0][2]
-        sc = torch.tensor([hp[k] for k in ('b1','b2','A','B','C','a','lr','kq')], dtype=_acc(ms0.dtype), device=ms0.device)
-        sums = [_sums_kernel(*x, sc) for x,_ in work]
+    def _update_kernels(self, items:list, fs:FlatState|None, hp, wd, t, r, eps) -> bool:
+        "Norm pass (a call per large tensor in `items`, one over the rows of `fs`), then the update; False if compiling failed"
+        ref = items[0][2] if items else fs.bufs['exp_avg']
+        sc = torch.tensor([hp[k] for k in ('b1','b2','A','B','C','a','lr','kq')], dtype=_acc(ref.dtype), device=ref.device)
+        rows = None if fs is None else _flat_rows(fs)
+        sums = [_sums_kernel(*x, sc) for x in items] + ([] if rows is None else [_sums_kernel(*rows, sc)])
         if _sums_kernel.failed: return False
-        S = torch.cat([s if rows else s.sum(0, keepdim=True) for s,(_,rows) in zip(sums, work)])
+        S = torch.cat(([torch.stack(sums[:len(items)])] if items else []) + ([] if rows is None else [_row_sums(sums[-1], fs)]))
         tau = self._tau(S[:,0], S[:,1], hp['lr'])
-        dev,dt = ms0.device,work[0][0][0].dtype
-        c = (tau*hp['lr']).to(sc.dtype)[:,None]
-        host = self.cpu_fused_update and dev.type == 'cpu' and r is not None and _fused_ok(dev, dt)
-        taus,o = tau.tolist() if host else None,0
-        for j,(x,rows) in enumerate(work):
-            n = x[0].shape[0] if rows else 1
-            if host and not rows and math.isfinite(taus[o]) and taus[o]*r > 0: self._fused_update(x, taus[o], hp, wd, t, r, eps)
-            else:
-                _apply_kernel(*x, c[o:o+n] if rows else c[o:o+1].expand(x[0].shape[0], 1), sc)
-                if _apply_kernel.failed:
-                    if j == 0: return False
-                    raise RuntimeError("RangerLARS: the compiled update stopped working in the middle of a step")
-            o += n
-        return True
+        c = (tau*hp['lr']).to(sc.dtype)
+        host = self.cpu_fused_update and ref.device.type == 'cpu' and r is not None and _fused_ok(ref.device, items[0][0].dtype if items else fs.p.dtype)
+        taus = tau.tolist() if host and items else None
+        for i,x in enumerate(items):
+            if host and math.isfinite(taus[i]) and taus[i]*r > 0: self._fused_update(x, taus[i], hp, wd, t, r, eps)
+            else: self._apply(x, c[i], sc, first=i == 0)
+        if rows is not None: self._apply(rows, c[len(items):][fs.row_segments()][:,None], sc, first=not items)
+        return not _apply_kernel.failed
+
+    def _apply(self, x, c, sc, first:bool):
+        "The compiled update; a failure is only recoverable before anything changed"
+        _apply_kernel(*x, c, sc)
+        if _apply_kernel.failed and not first: raise RuntimeError("RangerLARS: the compiled update stopped working in the middle of a step")
 
     def _fused_update(self, x, tau:float, hp, wd, t, r, eps):
         "p' − lr·τ·u as torch's fused AdamW step with lr·r·τ and wd/(r·τ) (as in `Ranger`)"
@@ -173,9 +165,7 @@ class RangerLARS(RAdamLookaheadBase):
                             grad_scale=None, found_inf=None)
 
     def _update_eager(self, ps, grads, hp):
-        "Without a compiler: all tensors at once in flat buffers (`FlatState`), per-tensor norms over equal-size blocks"
-        order = sorted(range(len(ps)), key=lambda i: ps[i].numel())
-        ps,grads = [ps[i] for i in order],[grads[i] for i in order]
+        "Without a compiler: all tensors at once in flat buffers (`FlatState`), per-tensor norms as row sums"
         fs = self._flat_state(ps)
         fp,fg = fs.gather(grads)
         m,v = fs.bufs['exp_avg'],fs.bufs['exp_avg_sq']
@@ -184,10 +174,11 @@ class RangerLARS(RAdamLookaheadBase):
         u = v.sqrt().mul_(hp['B']).add_(hp['C'])
         torch.div(m, u, out=u).mul_(hp['A'])
         if hp['a'] != 1: fp.mul_(hp['a'])
-        blocks = _blocks(fs)
         q = fp*hp['kq'] - u*hp['lr']
-        tau = self._tau(_block_sumsq(fp, blocks), _block_sumsq(q, blocks), hp['lr']).to(u.dtype)
-        for (o,R,K),i in zip(blocks, _block_starts(blocks)): u.narrow(0, o, R*K).view(R, K).mul_(tau[i:i+R, None])
+        R,W,acc = fs.numel//fs.align,fs.align,_acc(fp.dtype)
+        sq = lambda x: _row_sums(x.view(R, W).to(acc).pow(2).sum(1), fs)
+        tau = self._tau(sq(fp), sq(q), hp['lr']).to(u.dtype)
+        u.view(R, W).mul_(tau[fs.row_segments()][:,None])
         fp.add_(u, alpha=-hp['lr'])
         fs.scatter()
 
