@@ -174,9 +174,9 @@ class Adan(torch.optim.Optimizer):
         "Large tensors one kernel call each, the rest concatenated into one flat call; returns what it did not do"
         big = [i for i,p in enumerate(ps) if self._use_kernel(p)]
         rest = sorted(set(range(len(ps))) - set(big))
+        al = self.__dict__.setdefault('_aliases', AliasCache())   # plain flat tensors: one compiled graph for all
         for j,i in enumerate(big):
             p,st = ps[i],sts[i]
-            al = self.__dict__.setdefault('_aliases', AliasCache())   # plain flat tensors: one compiled graph for all
             if not self._call_kernel(fn, al(p), alias(p.grad), *[al(st[k]) for k in _MOMENT_KEYS], c, sc):
                 return big[j:] + rest
         if self.fused is not True and sum(ps[i].numel() for i in rest) < self.fused_min_numel: return rest

@@ -97,7 +97,7 @@ class FlatState:
     @torch.no_grad()
     def __init__(self, ps:list, states:list, keys:tuple,
                  align:int=1): # Each tensor starts at a multiple of `align` elements (zero padding between)
-        self.ps,self.states,self.keys,self.align = list(ps),list(states),tuple(keys),align
+        self.ps,self.keys,self.align = list(ps),tuple(keys),align
         self.shapes = [p.shape for p in ps]
         self.offsets,o = [],0
         for sh in self.shapes: self.offsets.append(o); o += -(-sh.numel()//align)*align

@@ -40,6 +40,12 @@ def centralize_grad(g:Tensor, gc:str|None) -> Tensor:
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def _fused_ok(device, dtype): return device.type in ('cpu','cuda') and dtype in _FUSED_DTYPES and hasattr(torch, '_fused_adamw_')
 
+def _radam_fused_(ps, grads, ms, vs, step:Tensor, lr:float, r:float, betas:tuple, wd:float, eps:float, eps_mode:str, bc2:float):
+    "RAdam's rectified step `p·(1−lr·wd) − lr·r·m̂/(sqrt(v̂)+eps)` as torch's fused AdamW with lr·r and wd/r"
+    eps_f = eps if eps_mode == 'fastai' else eps/math.sqrt(bc2)
+    torch._fused_adamw_(ps, grads, ms, vs, [], [step]*len(ps), amsgrad=False, lr=lr*r, beta1=betas[0], beta2=betas[1],
+                        weight_decay=wd/r, eps=eps_f, maximize=False, grad_scale=None, found_inf=None)
+
 class RAdamLookaheadBase(LookaheadMixin, Optimizer):
     "Shared machinery of `Ranger` and `RangerLARS`: checks, state, non-finite policy, grouping, Lookahead"
     def __init__(self, params, lr=1e-3, betas=(0.95,0.99), eps=1e-6, weight_decay=1e-2, k=6, alpha=0.5,
@@ -144,10 +150,7 @@ class Ranger(RAdamLookaheadBase):
         lr,(b1,b2),eps = float(g['lr']),g['betas'],g['eps']
         dev,dt = ps[0].device,ps[0].dtype
         if r is not None and _fused_ok(dev, dt):
-            eps_f = eps if self.eps_mode == 'fastai' else eps/math.sqrt(bc2)
-            steps = [torch.tensor(float(t), device=dev)]*len(ps)
-            torch._fused_adamw_(ps, grads, ms, vs, [], steps, amsgrad=False, lr=lr*r, beta1=b1, beta2=b2,
-                                weight_decay=wd/r, eps=eps_f, maximize=False, grad_scale=None, found_inf=None)
+            _radam_fused_(ps, grads, ms, vs, torch.tensor(float(t), device=dev), lr, r, (b1,b2), wd, eps, self.eps_mode, bc2)
             return
         if wd != 0: torch._foreach_mul_(ps, 1 - lr*wd)
         torch._foreach_lerp_(ms, grads, 1-b1)

@@ -14,7 +14,7 @@ from fastcore.basics import *
 from .core import *
 from .lookahead import *
 from .ranger import *
-from .ranger import RAdamLookaheadBase, _fused_ok, Ranger
+from .ranger import RAdamLookaheadBase, _fused_ok, _radam_fused_, Ranger
 
 # %% auto #0
 __all__ = ['TRUST_MODES', 'RangerLARS', 'ranger_lars', 'LARS']
@@ -115,7 +115,7 @@ class RangerLARS(RAdamLookaheadBase):
         if not (_sums_kernel.usable(dev) and _apply_kernel.usable(dev)): return self._update_eager(ps, grads, hp)
         big = [i for i,p in enumerate(ps) if p.numel() >= self.kernel_min_numel
                and p.is_contiguous() and grads[i].is_contiguous() and ms[i].is_contiguous() and vs[i].is_contiguous()]
-        rest = [i for i in range(len(ps)) if i not in set(big)]
+        rest = sorted(set(range(len(ps))) - set(big))
         al = self.__dict__.setdefault('_aliases', AliasCache())
         items = [(al(ps[i]), alias(grads[i]), al(ms[i]), al(vs[i])) for i in big]
         fs = None
@@ -125,9 +125,9 @@ class RangerLARS(RAdamLookaheadBase):
         if not self._update_kernels(items, fs, hp, wd, t, r, eps): return self._update_eager(ps, grads, hp)
         if fs is not None: fs.scatter()
 
-    def _flat_state(self, ps, align=None) -> FlatState:
+    def _flat_state(self, ps) -> FlatState:
         return flat_state(self.__dict__.setdefault('_flat', {}), ps, [self.state[p] for p in ps], ('exp_avg','exp_avg_sq'),
-                          align=ifnone(align, self.row_width))
+                          align=self.row_width)
 
     def _tau(self, s1:Tensor, s2:Tensor, lr:float) -> Tensor:
         "Trust ratios from Σp'² and Σ(kq·p' − lr·u)² (for 'lamb', kq = 0 so the second norm is lr·‖u‖)"
@@ -144,10 +144,13 @@ class RangerLARS(RAdamLookaheadBase):
         S = torch.cat(([torch.stack(sums[:len(items)])] if items else []) + ([] if rows is None else [_row_sums(sums[-1], fs)]))
         tau = self._tau(S[:,0], S[:,1], hp['lr'])
         c = (tau*hp['lr']).to(sc.dtype)
-        host = self.cpu_fused_update and ref.device.type == 'cpu' and r is not None and _fused_ok(ref.device, items[0][0].dtype if items else fs.p.dtype)
+        host = self.cpu_fused_update and ref.device.type == 'cpu' and r is not None and _fused_ok(ref.device, ref.dtype)
         taus = tau.tolist() if host and items else None
+        step = torch.tensor(float(t)) if host else None
         for i,x in enumerate(items):
-            if host and math.isfinite(taus[i]) and taus[i]*r > 0: self._fused_update(x, taus[i], hp, wd, t, r, eps)
+            if host and math.isfinite(taus[i]) and taus[i]*r > 0:   # p' − lr·τ·u: Ranger's fused step with lr·τ
+                _radam_fused_(*[[o] for o in x], step, hp['lr']*taus[i], r, (hp['b1'],hp['b2']), wd/taus[i], eps,
+                              self.eps_mode, 1 - hp['b2']**t)
             else: self._apply(x, c[i], sc, first=i == 0)
         if rows is not None: self._apply(rows, c[len(items):][fs.row_segments()][:,None], sc, first=not items)
         return not _apply_kernel.failed
@@ -156,13 +159,6 @@ class RangerLARS(RAdamLookaheadBase):
         "The compiled update; a failure is only recoverable before anything changed"
         _apply_kernel(*x, c, sc)
         if _apply_kernel.failed and not first: raise RuntimeError("RangerLARS: the compiled update stopped working in the middle of a step")
-
-    def _fused_update(self, x, tau:float, hp, wd, t, r, eps):
-        "p' − lr·τ·u as torch's fused AdamW step with lr·r·τ and wd/(r·τ) (as in `Ranger`)"
-        eps_f = eps if self.eps_mode == 'fastai' else eps/math.sqrt(1 - hp['b2']**t)
-        torch._fused_adamw_(*[[o] for o in x], [], [torch.tensor(float(t))], amsgrad=False, lr=hp['lr']*r*tau,
-                            beta1=hp['b1'], beta2=hp['b2'], weight_decay=wd/(r*tau), eps=eps_f, maximize=False,
-                            grad_scale=None, found_inf=None)
 
     def _update_eager(self, ps, grads, hp):
         "Without a compiler: all tensors at once in flat buffers (`FlatState`), per-tensor norms as row sums"
