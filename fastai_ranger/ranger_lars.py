@@ -14,7 +14,7 @@ from fastcore.basics import *
 from .core import *
 from .lookahead import *
 from .ranger import *
-from .ranger import RAdamLookaheadBase, _fused_ok, _radam_fused_, Ranger
+from .ranger import RAdamLookaheadBase, Ranger
 
 # %% auto #0
 __all__ = ['TRUST_MODES', 'RangerLARS', 'ranger_lars', 'LARS']
@@ -53,7 +53,26 @@ def _lars_apply(p, g, m, v, c, sc):
     p.copy_(p.to(m2.dtype)*sc[5] - m2*sc[2]/(v2.sqrt()*sc[3] + sc[4])*c)
     m.copy_(m2); v.copy_(v2)
 
+def _lars_store(p, g, m, v, d, sc):
+    "Norm pass that also stores this step's moments in `m, v` and the step −lr·u in `d`; returns the sums of `_lars_sums`"
+    m2,v2 = _lars_moments(g, m, v, sc)
+    m.copy_(m2); v.copy_(v2)
+    dd = -(m2*sc[2]/(v2.sqrt()*sc[3] + sc[4]))*sc[6]
+    d.copy_(dd)
+    pw = p.to(m2.dtype)*sc[5]
+    q = pw*sc[7] + dd
+    return torch.stack([(pw*pw).sum(-1), (q*q).sum(-1)], -1)
+
 _sums_kernel,_apply_kernel = Compiled(_lars_sums, 'RangerLARS'),Compiled(_lars_apply, 'RangerLARS')
+_store_kernel = Compiled(_lars_store, 'RangerLARS')
+_KERNELS = (_sums_kernel, _apply_kernel, _store_kernel)
+
+def _axpby_(p:Tensor, d:Tensor, a:float, tau:float):
+    "p ← a·p + τ·d in one pass: torch's fused SGD step with lr −τ and coupled weight decay (a−1)/τ, for a host τ"
+    if hasattr(torch, '_fused_sgd_') and tau != 0 and math.isfinite(tau):
+        torch._fused_sgd_([p], [d], [], weight_decay=(a-1)/tau, momentum=0., lr=-tau, dampening=0., nesterov=False,
+                          maximize=False, is_first_step=False, grad_scale=None, found_inf=None)
+    else: p.mul_(a).add_(d, alpha=tau)
 
 def _flat_rows(fs:FlatState) -> tuple:
     "(p, g, m, v) of `fs` as (R, align) matrices that are not views (see `alias`), made once per buffer set"
@@ -104,7 +123,7 @@ class RangerLARS(RAdamLookaheadBase):
 
     kernel_min_numel = 65536  # tensors this large get kernel calls of their own; smaller ones share one call
     row_width = 512           # the small tensors' flat buffers are read as rows of this many elements
-    cpu_fused_update = True   # on CPU, run the update pass through torch's fused AdamW kernel (τ read to the host)
+    cpu_store_step = True     # on CPU (fp32/fp64): the norm pass stores m, v and −lr·u; the update is then p ← a·p + τ·(−lr·u)
 
     def _update_fast(self, g, ps, grads, ms, vs, wd, t, bc1, bc2, r):
         if self.trust is None: return Ranger._update_fast(self, g, ps, grads, ms, vs, wd, t, bc1, bc2, r)
@@ -112,7 +131,7 @@ class RangerLARS(RAdamLookaheadBase):
         A,B,C = _direction_consts(r, bc1, bc2, eps, self.eps_mode)
         hp = dict(lr=lr, b1=b1, b2=b2, A=A, B=B, C=C, a=1-lr*wd, kq=1. if self.trust == 'over9000' else 0.)
         dev = ps[0].device
-        if not (_sums_kernel.usable(dev) and _apply_kernel.usable(dev)): return self._update_eager(ps, grads, hp)
+        if not all(k.usable(dev) for k in _KERNELS): return self._update_eager(ps, grads, hp)
         big = [i for i,p in enumerate(ps) if p.numel() >= self.kernel_min_numel
                and p.is_contiguous() and grads[i].is_contiguous() and ms[i].is_contiguous() and vs[i].is_contiguous()]
         rest = sorted(set(range(len(ps))) - set(big))
@@ -122,7 +141,7 @@ class RangerLARS(RAdamLookaheadBase):
         if rest:
             fs = self._flat_state([ps[i] for i in rest])
             fs.gather([grads[i] for i in rest])
-        if not self._update_kernels(items, fs, hp, wd, t, r, eps): return self._update_eager(ps, grads, hp)
+        if not self._update_kernels(items, fs, hp): return self._update_eager(ps, grads, hp)
         if fs is not None: fs.scatter()
 
     def _flat_state(self, ps) -> FlatState:
@@ -134,31 +153,59 @@ class RangerLARS(RAdamLookaheadBase):
         num,den = s1.sqrt(),s2.sqrt()
         return _ratio(num, den, True) if self.trust == 'over9000' else _ratio(num*lr, den, False)
 
-    def _update_kernels(self, items:list, fs:FlatState|None, hp, wd, t, r, eps) -> bool:
-        "Norm pass (a call per large tensor in `items`, one over the rows of `fs`), then the update; False if compiling failed"
+    def _tau_host(self, s1:float, s2:float, lr:float) -> float:
+        "`_tau` for one tensor, in Python floats (same rules: 1 where a norm is 0; inf and NaN propagate)"
+        num,den = math.sqrt(s1),math.sqrt(s2)
+        if self.trust == 'lamb': num *= lr
+        if num == 0 or den == 0: return 1.
+        return (min(num, 10.) if self.trust == 'over9000' else num)/den
+
+    def _work(self, ref:Tensor, shape:tuple) -> Tensor:
+        "A work buffer of `shape` (an `alias` over one buffer per device and dtype, grown as needed)"
+        n,key = math.prod(shape),(ref.device, ref.dtype)
+        bufs = self.__dict__.setdefault('_work_bufs', {})
+        if key not in bufs or bufs[key].numel() < n: bufs[key] = torch.empty(n, dtype=ref.dtype, device=ref.device)
+        return alias(bufs[key], shape)
+
+    def _update_kernels(self, items:list, fs:FlatState|None, hp) -> bool:
+        "Norm pass then update, for the large tensors in `items` and the rows of `fs`; False if compiling failed"
         ref = items[0][2] if items else fs.bufs['exp_avg']
         sc = torch.tensor([hp[k] for k in ('b1','b2','A','B','C','a','lr','kq')], dtype=_acc(ref.dtype), device=ref.device)
+        if self.cpu_store_step and ref.device.type == 'cpu' and ref.dtype in (torch.float32, torch.float64):
+            return self._update_stored(items, fs, hp, sc)
         rows = None if fs is None else _flat_rows(fs)
         sums = [_sums_kernel(*x, sc) for x in items] + ([] if rows is None else [_sums_kernel(*rows, sc)])
         if _sums_kernel.failed: return False
         S = torch.cat(([torch.stack(sums[:len(items)])] if items else []) + ([] if rows is None else [_row_sums(sums[-1], fs)]))
-        tau = self._tau(S[:,0], S[:,1], hp['lr'])
-        c = (tau*hp['lr']).to(sc.dtype)
-        host = self.cpu_fused_update and ref.device.type == 'cpu' and r is not None and _fused_ok(ref.device, ref.dtype)
-        taus = tau.tolist() if host and items else None
-        step = torch.tensor(float(t)) if host else None
-        for i,x in enumerate(items):
-            if host and math.isfinite(taus[i]) and taus[i]*r > 0:   # p' − lr·τ·u: Ranger's fused step with lr·τ
-                _radam_fused_(*[[o] for o in x], step, hp['lr']*taus[i], r, (hp['b1'],hp['b2']), wd/taus[i], eps,
-                              self.eps_mode, 1 - hp['b2']**t)
-            else: self._apply(x, c[i], sc, first=i == 0)
-        if rows is not None: self._apply(rows, c[len(items):][fs.row_segments()][:,None], sc, first=not items)
+        c = (self._tau(S[:,0], S[:,1], hp['lr'])*hp['lr']).to(sc.dtype)
+        for i,x in enumerate(items): self._call(_apply_kernel, i == 0, *x, c[i], sc)
+        if rows is not None: self._call(_apply_kernel, not items, *rows, c[len(items):][fs.row_segments()][:,None], sc)
         return not _apply_kernel.failed
 
-    def _apply(self, x, c, sc, first:bool):
-        "The compiled update; a failure is only recoverable before anything changed"
-        _apply_kernel(*x, c, sc)
-        if _apply_kernel.failed and not first: raise RuntimeError("RangerLARS: the compiled update stopped working in the middle of a step")
+    def _update_stored(self, items:list, fs:FlatState|None, hp, sc) -> bool:
+        "CPU route: tensor by tensor, the storing norm pass (`_lars_store`), τ on the host, then p ← a·p + τ·(−lr·u)"
+        a,lr = hp['a'],hp['lr']
+        for i,x in enumerate(items):
+            d = self._work(x[2], x[2].shape)
+            s = self._call(_store_kernel, i == 0, *x, d, sc)
+            if s is None: return False
+            _axpby_(x[0], d, a, self._tau_host(*s.tolist(), lr))
+        if fs is None: return True
+        rows = _flat_rows(fs)
+        d = self._work(rows[2], rows[2].shape)
+        s = self._call(_store_kernel, not items, *rows, d, sc)
+        if s is None: return False
+        tau = self._tau(*_row_sums(s, fs).unbind(1), lr).to(d.dtype)
+        P = fs.p.view(rows[0].shape)
+        if a != 1: P.mul_(a)
+        P.addcmul_(d, tau[fs.row_segments()][:,None])
+        return True
+
+    def _call(self, kern:Compiled, first:bool, *args):
+        "Run a compiled kernel; a failure is only recoverable before anything changed"
+        res = kern(*args)
+        if kern.failed and not first: raise RuntimeError("RangerLARS: a compiled kernel stopped working in the middle of a step")
+        return res
 
     def _update_eager(self, ps, grads, hp):
         "Without a compiler: all tensors at once in flat buffers (`FlatState`), per-tensor norms as row sums"
