@@ -112,15 +112,15 @@ class RAdamLookaheadBase(LookaheadMixin, Optimizer):
         if t % g['k'] == 0: lookahead_sync_([p], [s['slow']], g['alpha'], foreach=False)
 
     def _step_fast(self, g, ps, grads, states):
-        "Multi-tensor step over buckets of (device, dtype, takes wd, step), then Lookahead"
+        "Multi-tensor step over buckets of (device, dtype, takes wd, step), then Lookahead (unless `_update_fast` did it)"
         wd,(b1,b2) = g['weight_decay'],g['betas']
         keys = [(p.device, p.dtype, wd != 0 and takes_wd(s), s['step']) for p,s in zip(ps, states)]
         for (dev,dt,do_wd,t0),(bp,bg,bs) in group_by_key(keys, ps, grads, states).items():
             t = t0 + 1
             ms,vs = [s['exp_avg'] for s in bs],[s['exp_avg_sq'] for s in bs]
-            self._update_fast(g, bp, bg, ms, vs, wd if do_wd else 0., t, 1 - b1**t, 1 - b2**t, radam_rect(b2, t))
+            synced = self._update_fast(g, bp, bg, ms, vs, wd if do_wd else 0., t, 1 - b1**t, 1 - b2**t, radam_rect(b2, t))
             for s in bs: s['step'] = t
-            if t % g['k'] == 0: lookahead_sync_(bp, [s['slow'] for s in bs], g['alpha'])
+            if t % g['k'] == 0 and not synced: lookahead_sync_(bp, [s['slow'] for s in bs], g['alpha'])
 
 # %% ../nbs/02_ranger.ipynb #a3145a6e
 class Ranger(RAdamLookaheadBase):

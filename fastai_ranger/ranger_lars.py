@@ -64,8 +64,14 @@ def _lars_store(p, g, m, v, d, sc):
     return torch.stack([(pw*pw).sum(-1), (q*q).sum(-1)], -1)
 
 _sums_kernel,_apply_kernel = Compiled(_lars_sums, 'RangerLARS'),Compiled(_lars_apply, 'RangerLARS')
+def _lars_combine_sync(p, d, slow, c):
+    "A Lookahead step's update in one pass: p ← a·p + τ·d, then slow ← slow + α·(p − slow) and p ← slow; `c` = [a, τ, α]"
+    s2 = slow + (p*c[0] + d*c[1] - slow)*c[2]
+    p.copy_(s2); slow.copy_(s2)
+
 _store_kernel = Compiled(_lars_store, 'RangerLARS')
-_KERNELS = (_sums_kernel, _apply_kernel, _store_kernel)
+_sync_kernel = Compiled(_lars_combine_sync, 'RangerLARS')
+_KERNELS = (_sums_kernel, _apply_kernel, _store_kernel, _sync_kernel)
 
 def _axpby_(p:Tensor, d:Tensor, a:float, tau:float):
     "p ← a·p + τ·d in one pass: torch's fused SGD step with lr −τ and coupled weight decay (a−1)/τ, for a host τ"
@@ -141,8 +147,15 @@ class RangerLARS(RAdamLookaheadBase):
         if rest:
             fs = self._flat_state([ps[i] for i in rest])
             fs.gather([grads[i] for i in rest])
-        if not self._update_kernels(items, fs, hp): return self._update_eager(ps, grads, hp)
+        slows = None
+        if t % g['k'] == 0 and self._stores(ms[0]):   # a Lookahead step: the large tensors sync in their update pass
+            slows = [self.state[ps[i]]['slow'] for i in big]
+            slows = [al(o) for o in slows] if all(o.is_contiguous() for o in slows) else None
+        if not self._update_kernels(items, fs, hp, slows, g['alpha']): return self._update_eager(ps, grads, hp)
         if fs is not None: fs.scatter()
+        if slows is None: return False
+        lookahead_sync_([ps[i] for i in rest], [self.state[ps[i]]['slow'] for i in rest], g['alpha'])
+        return True   # the whole bucket is synced
 
     def _flat_state(self, ps) -> FlatState:
         return flat_state(self.__dict__.setdefault('_flat', {}), ps, [self.state[p] for p in ps], ('exp_avg','exp_avg_sq'),
@@ -167,12 +180,15 @@ class RangerLARS(RAdamLookaheadBase):
         if key not in bufs or bufs[key].numel() < n: bufs[key] = torch.empty(n, dtype=ref.dtype, device=ref.device)
         return alias(bufs[key], shape)
 
-    def _update_kernels(self, items:list, fs:FlatState|None, hp) -> bool:
+    def _stores(self, ref:Tensor) -> bool:
+        "Whether moments like `ref` take the store-then-combine route"
+        return self.cpu_store_step and ref.device.type == 'cpu' and ref.dtype in (torch.float32, torch.float64)
+
+    def _update_kernels(self, items:list, fs:FlatState|None, hp, slows=None, alpha=None) -> bool:
         "Norm pass then update, for the large tensors in `items` and the rows of `fs`; False if compiling failed"
         ref = items[0][2] if items else fs.bufs['exp_avg']
         sc = torch.tensor([hp[k] for k in ('b1','b2','A','B','C','a','lr','kq')], dtype=_acc(ref.dtype), device=ref.device)
-        if self.cpu_store_step and ref.device.type == 'cpu' and ref.dtype in (torch.float32, torch.float64):
-            return self._update_stored(items, fs, hp, sc)
+        if self._stores(ref): return self._update_stored(items, fs, hp, sc, slows, alpha)
         rows = None if fs is None else _flat_rows(fs)
         sums = [_sums_kernel(*x, sc) for x in items] + ([] if rows is None else [_sums_kernel(*rows, sc)])
         if _sums_kernel.failed: return False
@@ -182,14 +198,18 @@ class RangerLARS(RAdamLookaheadBase):
         if rows is not None: self._call(_apply_kernel, not items, *rows, c[len(items):][fs.row_segments()][:,None], sc)
         return not _apply_kernel.failed
 
-    def _update_stored(self, items:list, fs:FlatState|None, hp, sc) -> bool:
+    def _update_stored(self, items:list, fs:FlatState|None, hp, sc, slows=None, alpha=None) -> bool:
         "CPU route: tensor by tensor, the storing norm pass (`_lars_store`), τ on the host, then p ← a·p + τ·(−lr·u)"
         a,lr = hp['a'],hp['lr']
         for i,x in enumerate(items):
             d = self._work(x[2], x[2].shape)
             s = self._call(_store_kernel, i == 0, *x, d, sc)
             if s is None: return False
-            _axpby_(x[0], d, a, self._tau_host(*s.tolist(), lr))
+            tau = self._tau_host(*s.tolist(), lr)
+            if slows is None: _axpby_(x[0], d, a, tau)
+            else:
+                _sync_kernel(x[0], d, slows[i], torch.tensor([a, tau, alpha], dtype=sc.dtype))
+                if _sync_kernel.failed: _axpby_(x[0], d, a, tau); lookahead_sync_([x[0]], [slows[i]], alpha)
         if fs is None: return True
         rows = _flat_rows(fs)
         d = self._work(rows[2], rows[2].shape)
