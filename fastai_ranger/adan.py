@@ -35,7 +35,8 @@ def _init_state(state:dict, p:Tensor, g:Tensor):
     state['exp_avg'],state['exp_avg_diff'],state['exp_avg_sq'] = z(),z(),z()
     state['prev_grad'] = g.to(_state_dtype(p), copy=True)  # so that d = g - prev_grad = 0 at step 1
 
-def _needs_init(state:dict) -> bool: return 'step' not in state or any(k not in state for k in _MOMENT_KEYS)
+_STATE_KEYS = frozenset(('step',) + _MOMENT_KEYS)
+def _needs_init(state:dict) -> bool: return not _STATE_KEYS <= state.keys()
 
 # %% ../nbs/04_adan.ipynb #a68924f6
 def _adan_single(p:Tensor, g:Tensor, state:dict, *, beta1, beta2, beta3, lr, eps, wd, no_prox, t):

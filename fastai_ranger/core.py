@@ -6,7 +6,7 @@ Docs: https://fastai-ranger.github.io/fastai-ranger/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #66dbbf52
 from __future__ import annotations
-import math, warnings
+import math, operator, warnings
 from collections import defaultdict, OrderedDict
 import torch
 from torch import Tensor
@@ -85,11 +85,13 @@ def should_skip_step(grads:list, mode, opt_name:str='optimizer') -> bool:
 # %% ../nbs/00_core.ipynb #8e44328a
 def group_by_key(keys:list, *lists) -> dict:
     "Bucket aligned `lists` by `keys`: returns {key: tuple of lists}"
-    res = {}
+    if keys and keys.count(keys[0]) == len(keys): return {keys[0]: tuple(list(o) for o in lists)}  # the usual case
+    idx = {}
     for i,k in enumerate(keys):
-        b = res.setdefault(k, tuple([] for _ in lists))
-        for dst,src in zip(b, lists): dst.append(src[i])
-    return res
+        ix = idx.get(k)
+        if ix is None: idx[k] = [i]
+        else: ix.append(i)
+    return {k: tuple([o[i] for i in ix] for o in lists) for k,ix in idx.items()}
 
 # %% ../nbs/00_core.ipynb #72c00b39
 class FlatState:
@@ -125,8 +127,8 @@ class FlatState:
 
     def valid(self, ps:list, states:list) -> bool:
         "Whether this flat state still backs exactly `ps` and `states`"
-        if len(ps) != len(self.ps) or any(a is not b for a,b in zip(ps, self.ps)): return False
-        return all(s[k] is v for k in self.keys for s,v in zip(states, self.views[k]))
+        if len(ps) != len(self.ps) or not all(map(operator.is_, ps, self.ps)): return False
+        return all(all(map(operator.is_, [s.get(k) for s in states], self.views[k])) for k in self.keys)
 
     @torch.no_grad()
     def gather(self, gs:list|None=None) -> tuple:

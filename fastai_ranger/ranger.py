@@ -87,13 +87,13 @@ class RAdamLookaheadBase(LookaheadMixin, Optimizer):
         for g in self.param_groups:
             self._check_group(g)
             ps = [p for p in g['params'] if p.grad is not None]
-            for p in ps: check_dense(p, name)
+            if any(p.grad.is_sparse for p in ps): check_dense(next(p for p in ps if p.grad.is_sparse), name)
             if ps: work.append((g, ps))
         if self.nonfinite is not None and should_skip_step([p.grad for _,ps in work for p in ps], self.nonfinite, name):
             return loss
         for g,ps in work:
             states = [self._init_state(p) for p in ps]
-            grads = [centralize_grad(p.grad, self.gc) for p in ps]
+            grads = [p.grad for p in ps] if self.gc is None else [centralize_grad(p.grad, self.gc) for p in ps]
             if self.foreach is False:
                 for p,gr,s in zip(ps, grads, states): self._step_ref(g, p, gr, s)
             else: self._step_fast(g, ps, grads, states)
