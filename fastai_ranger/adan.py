@@ -110,7 +110,7 @@ def _clip_factor(grads:list, max_norm:float, eps:float):
 # %% ../nbs/04_adan.ipynb #b89cf8dd
 class Adan(torch.optim.Optimizer):
     "Adan (sail-sg reference algorithm, code beta convention) with reference, multi-tensor and compiled paths"
-    fused_min_numel = 65536  # tensors this large get their own kernel call; smaller ones share a flat call
+    fused_min_numel = 150_000  # tensors this large get their own kernel call; smaller ones share a flat call
     def __init__(self, params,
                  lr:float=1e-3, # Learning rate
                  betas:tuple=(0.98,0.92,0.99), # (β₁, β₂, β₃) in the code convention (= 1 − the paper's)
