@@ -194,9 +194,13 @@ class RangerLARS(RAdamLookaheadBase):
         if _sums_kernel.failed: return False
         S = torch.cat(([torch.stack(sums[:len(items)])] if items else []) + ([] if rows is None else [_row_sums(sums[-1], fs)]))
         c = (self._tau(S[:,0], S[:,1], hp['lr'])*hp['lr']).to(sc.dtype)
-        for i,x in enumerate(items): self._call(_apply_kernel, i == 0, *x, c[i], sc)
-        if rows is not None: self._call(_apply_kernel, not items, *rows, c[len(items):][fs.row_segments()][:,None], sc)
-        return not _apply_kernel.failed
+        for i,x in enumerate(items):
+            self._call(_apply_kernel, i == 0, *x, c[i], sc)
+            if _apply_kernel.failed: return False
+        if rows is not None:
+            _apply_kernel(*rows, c[len(items):][fs.row_segments()][:,None], sc)
+            if _apply_kernel.failed: return self._rows_eager(fs, hp, bool(items))
+        return True
 
     def _update_stored(self, items:list, fs:FlatState|None, hp, sc, slows=None, alpha=None) -> bool:
         "CPU route: tensor by tensor, the storing norm pass (`_lars_store`), τ on the host, then p ← a·p + τ·(−lr·u)"
@@ -213,13 +217,18 @@ class RangerLARS(RAdamLookaheadBase):
         if fs is None: return True
         rows = _flat_rows(fs)
         d = self._work(rows[2], rows[2].shape)
-        s = self._call(_store_kernel, not items, *rows, d, sc)
-        if s is None: return False
+        s = _store_kernel(*rows, d, sc)
+        if s is None: return self._rows_eager(fs, hp, bool(items))
         tau = self._tau(*_row_sums(s, fs).unbind(1), lr).to(d.dtype)
         P = fs.p.view(rows[0].shape)
         if a != 1: P.mul_(a)
         P.addcmul_(d, tau[fs.row_segments()][:,None])
         return True
+
+    def _rows_eager(self, fs:FlatState, hp, started:bool) -> bool:
+        "The row kernel failed: finish the small tensors eagerly if the large ones are done, else report failure"
+        if started: self._update_eager(fs.ps, fs.g_views, hp)
+        return started
 
     def _call(self, kern:Compiled, first:bool, *args):
         "Run a compiled kernel; a failure is only recoverable before anything changed"
