@@ -40,37 +40,42 @@ def _lars_moments(g, m, v, sc):
     gf,mf,vf = g.to(dt),m.to(dt),v.to(dt)
     return mf*sc[0] + gf*(1-sc[0]), vf*sc[1] + gf*gf*(1-sc[1])
 
+def _lars_dir(m2, v2, sc):
+    "The RAdam direction u = A·m/(B·sqrt(v) + C) from this step's moments"
+    return m2*sc[2]/(v2.sqrt()*sc[3] + sc[4])
+
+def _norm_sums(pw, q):
+    "[Σp'², Σq²] over the last dim (a flat tensor, or per row)"
+    return torch.stack([(pw*pw).sum(-1), (q*q).sum(-1)], -1)
+
 def _lars_sums(p, g, m, v, sc):
     "Norm pass over a flat tensor, or the rows of (R, K) ones: [Σp'², Σ(kq·p' − lr·u)²] from this step's moments (not stored)"
     m2,v2 = _lars_moments(g, m, v, sc)
     pw = p.to(m2.dtype)*sc[5]
-    q = pw*sc[7] - m2*sc[2]/(v2.sqrt()*sc[3] + sc[4])*sc[6]
-    return torch.stack([(pw*pw).sum(-1), (q*q).sum(-1)], -1)
+    return _norm_sums(pw, pw*sc[7] - _lars_dir(m2, v2, sc)*sc[6])
 
 def _lars_apply(p, g, m, v, c, sc):
     "Update pass: store the moments and p ← p' − c·u, with `c` = lr·τ (0-d, or (R, 1) per row)"
     m2,v2 = _lars_moments(g, m, v, sc)
-    p.copy_(p.to(m2.dtype)*sc[5] - m2*sc[2]/(v2.sqrt()*sc[3] + sc[4])*c)
+    p.copy_(p.to(m2.dtype)*sc[5] - _lars_dir(m2, v2, sc)*c)
     m.copy_(m2); v.copy_(v2)
 
 def _lars_store(p, g, m, v, d, sc):
     "Norm pass that also stores this step's moments in `m, v` and the step −lr·u in `d`; returns the sums of `_lars_sums`"
     m2,v2 = _lars_moments(g, m, v, sc)
     m.copy_(m2); v.copy_(v2)
-    dd = -(m2*sc[2]/(v2.sqrt()*sc[3] + sc[4]))*sc[6]
+    dd = -_lars_dir(m2, v2, sc)*sc[6]
     d.copy_(dd)
     pw = p.to(m2.dtype)*sc[5]
-    q = pw*sc[7] + dd
-    return torch.stack([(pw*pw).sum(-1), (q*q).sum(-1)], -1)
+    return _norm_sums(pw, pw*sc[7] + dd)
 
-_sums_kernel,_apply_kernel = Compiled(_lars_sums, 'RangerLARS'),Compiled(_lars_apply, 'RangerLARS')
 def _lars_combine_sync(p, d, slow, c):
     "A Lookahead step's update in one pass: p ← a·p + τ·d, then slow ← slow + α·(p − slow) and p ← slow; `c` = [a, τ, α]"
     s2 = slow + (p*c[0] + d*c[1] - slow)*c[2]
     p.copy_(s2); slow.copy_(s2)
 
-_store_kernel = Compiled(_lars_store, 'RangerLARS')
-_sync_kernel = Compiled(_lars_combine_sync, 'RangerLARS')
+_sums_kernel,_apply_kernel = Compiled(_lars_sums, 'RangerLARS'),Compiled(_lars_apply, 'RangerLARS')
+_store_kernel,_sync_kernel = Compiled(_lars_store, 'RangerLARS'),Compiled(_lars_combine_sync, 'RangerLARS')
 _KERNELS = (_sums_kernel, _apply_kernel, _store_kernel, _sync_kernel)
 
 def _axpby_(p:Tensor, d:Tensor, a:float, tau:float):
