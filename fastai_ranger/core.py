@@ -164,6 +164,7 @@ class Compiled:
 
     def __call__(self, *args, strict:bool=False):
         "Run the compiled `fn`; on a compilation/runtime failure warn once and return None (raise if `strict`)"
+        if self.failed and not strict: return None   # failed before: no second compile attempt, no second warning
         try:
             if self.cfn is None: self.cfn = torch.compile(self.fn, dynamic=True, fullgraph=True)
             return self.cfn(*args)
