@@ -6,7 +6,7 @@ Docs: https://fastai-ranger.github.io/fastai-ranger/study.html.md"""
 
 # %% ../nbs/30_study.ipynb #cc07373a
 from __future__ import annotations
-import os, sys, time, json, math, platform, datetime, importlib, shlex
+import os, sys, time, json, datetime, shlex
 from functools import partial
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +17,6 @@ from fastcore.basics import *
 from fastcore.script import call_parse
 from fastcore.imports import IN_NOTEBOOK
 from fastai.callback.core import Callback
-from fastai.callback.schedule import ParamScheduler, combined_cos
 from fastai.data.core import DataLoaders, TfmdDL
 from fastai.torch_core import TensorImage, TensorCategory, set_seed, default_device
 from fastai.vision.core import imagenet_stats
@@ -25,7 +24,9 @@ from fastai.data.transforms import IntToFloatTensor, Normalize
 from fastai.learner import Learner
 from fastai.losses import LabelSmoothingCrossEntropyFlat
 from fastai.metrics import accuracy
-from .data import resolve_data, DataError
+from .data import resolve_data, DataError, val_size
+from .registry import get_opt_func, get_spec, fit_sched
+from .results import versions, hardware, md_table, plot_accuracy
 
 # %% auto #0
 __all__ = ['STUDY_ROWS', 'SCHEDS', 'STUDY_DATA_ENV', 'STUDY_COLS', 'study_opt_func', 'load_images', 'load_study_data',
@@ -34,30 +35,25 @@ __all__ = ['STUDY_ROWS', 'SCHEDS', 'STUDY_DATA_ENV', 'STUDY_COLS', 'study_opt_fu
 
 # %% ../nbs/30_study.ipynb #7f893b4a
 STUDY_ROWS = {
-    'adam':          dict(label='Adam + one-cycle (fastai default)', opt='fastai.optimizer.Adam', opt_kw={},
+    'adam':          dict(label='Adam + one-cycle (fastai default)', opt='adam', opt_kw={},
                           sched='one_cycle', lr=3e-3, wd=1e-2),
-    'fastai_ranger': dict(label="fastai's ranger + flat-cos", opt='fastai.optimizer.ranger',
+    'fastai_ranger': dict(label="fastai's ranger + flat-cos", opt='fastai_ranger',
                           opt_kw=dict(mom=0.95, sqr_mom=0.99, eps=1e-6), sched='flat_cos', lr=8e-3, wd=1e-2),
-    'ranger':        dict(label='fastai_ranger ranger + flat-cos', opt='fastai_ranger.ranger.ranger',
+    'ranger':        dict(label='fastai_ranger ranger + flat-cos', opt='ranger',
                           opt_kw=dict(mom=0.95, sqr_mom=0.99, eps=1e-6), sched='flat_cos', lr=8e-3, wd=1e-2),
-    'ranger_lars':   dict(label='fastai_ranger ranger_lars + flat-cos', opt='fastai_ranger.ranger_lars.ranger_lars',
+    'ranger_lars':   dict(label='fastai_ranger ranger_lars + flat-cos', opt='ranger_lars',
                           opt_kw=dict(mom=0.95, sqr_mom=0.99, eps=1e-6), sched='flat_cos', lr=1e-2, wd=1e-2),
-    'adan':          dict(label='fastai_ranger adan + one-cycle (lr only)', opt='fastai_ranger.adan.adan', opt_kw={},
+    'adan':          dict(label='fastai_ranger adan + one-cycle (lr only)', opt='adan', opt_kw={},
                           sched='one_cycle_lr', lr=1.5e-2, wd=2e-2),
 }
 SCHEDS = ('one_cycle', 'one_cycle_lr', 'flat_cos')
 
 # %% ../nbs/30_study.ipynb #099090bb
 def study_opt_func(row:dict):
-    "The optimizer function named by `row['opt']` (a dotted path), with the row's keyword arguments bound"
-    mod,_,name = row['opt'].rpartition('.')
-    try: f = getattr(importlib.import_module(mod), name)
-    except (ImportError, AttributeError) as e: raise ImportError(f"Study optimizer {row['opt']!r} cannot be imported: {e}") from e
-    return partial(f, **row.get('opt_kw', {}))
+    "The `opt_func` of the row's optimizer (a registry name) with the row's keyword arguments bound"
+    return get_opt_func(row['opt'], **row.get('opt_kw', {}))
 
 # %% ../nbs/30_study.ipynb #34b422ef
-def _xtra(size:int) -> int: return math.ceil(0.14*size/8)*8
-
 def _load_one(fn, sz:int) -> np.ndarray:
     im = Image.open(fn)
     im.draft('RGB', (sz,sz))  # JPEG DCT scaling: decode at >= sz, much faster than full decode
@@ -93,7 +89,7 @@ def load_study_data(data=None, # Dataset folder (None: `$FASTAI_RANGER_STUDY_DAT
     rng = np.random.default_rng(seed)
     ti = _subset(np.flatnonzero(~df.is_valid.values), train_subset, rng)
     vi = _subset(np.flatnonzero(df.is_valid.values), valid_subset, rng)
-    sz, t0 = size + _xtra(size), time.perf_counter()
+    sz, t0 = val_size(size), time.perf_counter()
     lbl = torch.tensor(df.label.map({v:i for i,v in enumerate(vocab)}).values)
     res = dict(xt=load_images(path, df.path.values[ti], sz, n_workers), yt=lbl[ti],
                xv=load_images(path, df.path.values[vi], sz, n_workers), yv=lbl[vi], vocab=vocab)
@@ -158,21 +154,12 @@ class StepTimer(Callback):
     def after_fit(self): self.fit_s = time.perf_counter() - self._t_fit
 
 # %% ../nbs/30_study.ipynb #824f09ad
-def _src_hash(dotted:str) -> str:
-    "Short sha1 of the source file that defines the optimizer `dotted` (identifies the code a row ran)"
-    import hashlib, inspect
-    mod = importlib.import_module(dotted.rpartition('.')[0])
+def _src_hash(opt:str) -> str:
+    "Short sha1 of the source file that defines optimizer `opt` (identifies the code a row ran)"
+    import hashlib, inspect, importlib
+    mod = importlib.import_module(get_spec(opt).opt_func.rpartition('.')[0])
     try: return hashlib.sha1(Path(inspect.getsourcefile(mod)).read_bytes()).hexdigest()[:10]
     except (TypeError, OSError): return '?'
-
-def _fit(learn, row:dict, epochs:int):
-    "Train `learn` with the row's schedule"
-    s, lr, wd = row['sched'], row['lr'], row['wd']
-    if s == 'one_cycle': learn.fit_one_cycle(epochs, lr, wd=wd)
-    elif s == 'flat_cos': learn.fit_flat_cos(epochs, lr, wd=wd)
-    elif s == 'one_cycle_lr':  # one-cycle's lr curve (warm-up 25 %, cosine to lr/1e5), no momentum schedule
-        learn.fit(epochs, lr, wd=wd, cbs=ParamScheduler({'lr': combined_cos(0.25, lr/25., lr, lr/1e5)}))
-    else: raise ValueError(f"Unknown schedule {s!r}; expected one of {SCHEDS}")
 
 # %% ../nbs/30_study.ipynb #a401f2a1
 def run_row(name:str, # Row name (key of `rows`)
@@ -199,8 +186,8 @@ def run_row(name:str, # Row name (key of `rows`)
                     metrics=accuracy, cbs=timer)
     load0 = os.getloadavg()
     if quiet:
-        with learn.no_bar(), learn.no_logging(): _fit(learn, row, epochs)
-    else: _fit(learn, row, epochs)
+        with learn.no_bar(), learn.no_logging(): fit_sched(learn, row['sched'], epochs, row['lr'], wd=row['wd'])
+    else: fit_sched(learn, row['sched'], epochs, row['lr'], wd=row['wd'])
     hist = [dict(epoch=i, train_loss=float(v[0]), valid_loss=float(v[1]), accuracy=float(v[2]), step_s=s)
             for i,(v,s) in enumerate(zip(learn.recorder.values, timer.epoch_step_s))]
     acc = hist[-1]['accuracy'] if hist else float('nan')
@@ -211,26 +198,6 @@ def run_row(name:str, # Row name (key of `rows`)
                 ms_per_step=round(1000*timer.step_s/max(1,timer.n_steps), 2), n_steps=timer.n_steps,
                 load_start=round(load0[0], 2), load_end=round(os.getloadavg()[0], 2), history=hist)
 
-# %% ../nbs/30_study.ipynb #953b0dd0
-def _versions() -> dict:
-    import fastai, fastcore, torchvision
-    try: import fastai_ranger; fr = fastai_ranger.__version__
-    except Exception: fr = '?'
-    return dict(python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__,
-                fastai=fastai.__version__, fastcore=fastcore.__version__, fastai_ranger=fr)
-
-def _cpu_name() -> str:
-    try:
-        for l in Path('/proc/cpuinfo').read_text().splitlines():
-            if l.startswith('model name'): return l.split(':',1)[1].strip()
-    except OSError: pass
-    return platform.processor() or platform.machine()
-
-def _hardware() -> dict:
-    h = dict(cpu=_cpu_name(), cores=os.cpu_count(), torch_threads=torch.get_num_threads(), platform=platform.platform())
-    if torch.cuda.is_available(): h['gpu'] = torch.cuda.get_device_name(0)
-    return h
-
 # %% ../nbs/30_study.ipynb #3ceffc99
 STUDY_COLS = {'row':'row', 'label':'optimizer + schedule', 'lr':'lr', 'wd':'wd', 'accuracy':'accuracy %',
               'valid_loss':'valid loss', 'wall_s':'wall s', 's_per_epoch':'s/epoch', 'opt_step_s':'opt.step s',
@@ -240,23 +207,12 @@ def study_table(results:list) -> pd.DataFrame:
     "One line per row: accuracy, wall time, optimizer-step share, machine load"
     return pd.DataFrame([{k:r[k] for k in STUDY_COLS} for r in results])
 
-def _md_table(df:pd.DataFrame) -> str:
-    cols = [STUDY_COLS[c] for c in df.columns]
-    lines = ['| ' + ' | '.join(cols) + ' |', '|' + '---|'*len(cols)]
-    lines += ['| ' + ' | '.join(str(v) for v in r) + ' |' for r in df.itertuples(index=False)]
-    return '\n'.join(lines)
-
 # %% ../nbs/30_study.ipynb #04b37c88
 def plot_study(results:list, fn=None):
     "Validation accuracy per epoch and wall time split into `opt.step` and the rest, one colour per row"
-    import matplotlib, matplotlib.ticker; import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt
     fig,(a1,a2) = plt.subplots(1, 2, figsize=(12,4.2))
-    for i,r in enumerate(results):  # distinct markers/dashes: rows with the same math (the two rangers) overlap
-        a1.plot([h['epoch']+1 for h in r['history']], [100*h['accuracy'] for h in r['history']], marker='os^Dv'[i%5],
-                ls=['-','--',':','-.'][i%4], label=r['row'])
-    a1.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    a1.set_xlabel('epoch'); a1.set_ylabel('validation accuracy %'); a1.legend(); a1.grid(alpha=.3)
-    a1.set_title('Accuracy per epoch')
+    plot_accuracy(a1, {r['row']: r['history'] for r in results}, title='Accuracy per epoch')
     names = [r['row'] for r in results]
     step = np.array([r['opt_step_s'] for r in results]); rest = np.array([r['wall_s'] for r in results]) - step
     a2.barh(names, rest, label='rest (forward, backward, data, validation)', color='lightgray')
@@ -276,7 +232,7 @@ def _budget(m:dict, src:dict) -> str:
     if src.get('n_train_used', 0) < src.get('n_train', 0): cuts.append(f"training subset {src['n_train_used']}/{src['n_train']}")
     if src.get('n_valid_used', 0) < src.get('n_valid', 0): cuts.append(f"validation subset {src['n_valid_used']}/{src['n_valid']}")
     if m['widen'] < 1: cuts.append(f"network width x{m['widen']}")
-    return ("reduced to fit a 2-core CPU: " + ', '.join(cuts)) if cuts else "full data, full width"
+    return ("reduced: " + ', '.join(cuts)) if cuts else "full data, full width"
 
 def write_study(results:list, out, meta:dict) -> pd.DataFrame:
     "Write `study.csv`, `study.md`, `study.json` and `study.png` to `out`; return the table"
@@ -292,7 +248,7 @@ def write_study(results:list, out, meta:dict) -> pd.DataFrame:
           f"Rows finished: {len(results)} of {len(m['rows'])} ({', '.join(m['rows'])}). Date: {m['date']}.", '',
           f"Data: {src.get('path')} (copy {src.get('copy')}, {src.get('kind')}): {src.get('n_train_used')} of "
           f"{src.get('n_train')} training and {src.get('n_valid_used')} of {src.get('n_valid')} validation images, "
-          f"decoded once to {m['size']+_xtra(m['size'])} px (squish), then RandomResizedCrop({m['size']}, 0.35)+flip / "
+          f"decoded once to {val_size(m['size'])} px (squish), then RandomResizedCrop({m['size']}, 0.35)+flip / "
           f"centre crop; label smoothing 0.1; seed {m['seed']}; last-epoch accuracy.", '',
           f"Budget: {_budget(m, src)}", '',
           *([f"Notes: {m['notes']}", ''] if m.get('notes') else []),
@@ -300,7 +256,7 @@ def write_study(results:list, out, meta:dict) -> pd.DataFrame:
           "Wall time is the whole `fit` (training + validation every epoch); `opt.step %` is the share of it spent "
           "inside `opt.step()`. `load1` is the 1-minute load average when the row started and ended: the machine "
           "was shared, so a load above the core count inflates wall times.", '',
-          _md_table(df), '', '![study](study.png)', '']
+          md_table(df, STUDY_COLS), '', '![study](study.png)', '']
     (out/'study.md').write_text('\n'.join(md))
     return df
 
@@ -317,7 +273,7 @@ def _previous(out, cfg:dict, path:str) -> list:
     return old.get('results', [])
 
 def run_study(data=None, # Dataset folder, 'sample', or None (see `find_study_data`)
-              out='recipes/results/study', # Output folder (None: write nothing)
+              out=None, # Output folder (None: write nothing)
               rows=None, # Row names to run (default: all of `STUDY_ROWS`), list or comma-separated string
               epochs:int=5, size:int=64, bs:int=64, arch:str='xresnet18', widen:float=0.5,
               train_subset:int=5000, # Random training subset (0 or None: all 9 469)
@@ -337,8 +293,8 @@ def run_study(data=None, # Dataset folder, 'sample', or None (see `find_study_da
     done = {r['row']:r for r in (_previous(out, cfg, d['src']['path']) if resume else [])}
     cmds = [done[r]['command'] for r in rows if r in done and 'command' in done[r]]
     command = ifnone(command, 'run_study(...)')
-    meta = dict(cfg, command=' ; '.join(dict.fromkeys(cmds + [command])), rows=rows, data=d['src'], versions=_versions(),
-                hardware=_hardware(), date=datetime.datetime.now().isoformat(timespec='seconds'),
+    meta = dict(cfg, command=' ; '.join(dict.fromkeys(cmds + [command])), rows=rows, data=d['src'], versions=versions(),
+                hardware=hardware(default_device()), date=datetime.datetime.now().isoformat(timespec='seconds'),
                 rows_spec={r:STUDY_ROWS[r] for r in rows})
     if not quiet: print(f"data: {d['src']}", flush=True)
     results, df = [], None
@@ -357,7 +313,7 @@ def run_study(data=None, # Dataset folder, 'sample', or None (see `find_study_da
 # %% ../nbs/30_study.ipynb #141d4c0d
 @call_parse
 def main(data:str=None, # Imagenette folder ('sample' for generated data; default $FASTAI_RANGER_STUDY_DATA or ~/data/imagenette2-160)
-         out:str='recipes/results/study', # Output folder for study.csv/.md/.json/.png
+         out:str=None, # Output folder for study.csv/.md/.json/.png (required)
          rows:str=','.join(STUDY_ROWS), # Comma-separated rows to run
          epochs:int=5, # Epochs per row
          size:int=64, # Training side, px
@@ -372,6 +328,7 @@ def main(data:str=None, # Imagenette folder ('sample' for generated data; defaul
          fresh:bool=False, # Rerun rows already in OUT/study.json (default: keep rows run with the same settings)
          quiet:bool=False): # No progress bars
     "Run the optimizer study (Adam, fastai ranger, ranger, ranger_lars, adan) and write its table and plot"
+    if out is None: sys.exit("fastai-ranger-study: pass --out FOLDER (where study.csv/.md/.json/.png go; an existing study.json there is resumed)")
     if threads: torch.set_num_threads(threads)
     cmd = 'fastai-ranger-study ' + ' '.join(shlex.quote(a) for a in sys.argv[1:])
     try: df = run_study(data, out=out, rows=rows, epochs=epochs, size=size, bs=bs, arch=arch, widen=widen,
