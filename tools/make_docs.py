@@ -4,6 +4,11 @@
 nbdev's own notebook processing (`nbdev.serve.proc_nbs`: show_doc rendering, directive handling, hidden cells
 removed) writes processed notebooks to `_proc/`; nbconvert's Markdown exporter then turns each into a page.
 `--check` regenerates into a temporary folder and fails if README.md or docs/ differ from what is committed.
+
+Figures: notebooks are committed without outputs, so a code cell that should show a figure in the docs carries
+`#| docfig: NAME`. Such a cell must be self-contained (its own imports); it is run here in a fresh namespace with
+matplotlib's Agg backend, its current figure is saved to `docs/figures/NAME.png` (no timestamp or version metadata,
+so the bytes only change when the picture does) and the page shows the image after the cell's code.
 Where Quarto exists, `nbdev-docs` builds the full site from the same notebooks and `nbs/_quarto.yml`.
 """
 import argparse, filecmp, os, re, shutil, sys, tempfile
@@ -35,6 +40,32 @@ def _strip_frontmatter(md:str) -> str:
 
 _CELL_KEYS = {'cell_type', 'id', 'metadata', 'source', 'outputs', 'execution_count', 'attachments'}
 
+_DOCFIG = re.compile(r'#\|\s*docfig:\s*([\w-]+)')
+
+def _render_fig(src:str, fn:Path):
+    "Run the self-contained figure cell `src` and save its current matplotlib figure to `fn`"
+    import matplotlib; matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    plt.close('all'); plt.rcParams.update(matplotlib.rcParamsDefault); matplotlib.use('Agg')
+    exec(compile(src, str(fn), 'exec'), {'__name__': '__docfig__'})
+    fn.parent.mkdir(parents=True, exist_ok=True)
+    plt.gcf().savefig(fn, dpi=80, metadata={'Software': None})
+    plt.close('all')
+
+def _figures(nb, figdir:Path):
+    "Render every `#| docfig: NAME` cell of `nb` to `figdir/NAME.png` and show it after the cell"
+    import nbformat
+    cells = []
+    for c in nb.cells:
+        cells.append(c)
+        m = _DOCFIG.search(c.source) if c.cell_type == 'code' else None
+        if m is None: continue
+        name = m.group(1)
+        _render_fig('\n'.join(l for l in c.source.splitlines() if not l.startswith('#|')), figdir/f'{name}.png')
+        cells.append(nbformat.v4.new_markdown_cell(f'![{name}](figures/{name}.png)'))
+    nb.cells = cells
+    return nb
+
 def _clean(nb):
     "Drop nbdev's extra cell keys and volatile metadata; honour Quarto `echo: false`; strip `#|` directives"
     for c in nb.cells:
@@ -53,7 +84,7 @@ def _clean(nb):
             if 'metadata' in o: o['metadata'] = {}
     return nb
 
-def _to_md(nb:Path) -> str:
+def _to_md(nb:Path, figdir:Path) -> str:
     "Convert one processed notebook to Markdown"
     from nbconvert import MarkdownExporter
     from traitlets.config import Config
@@ -62,20 +93,29 @@ def _to_md(nb:Path) -> str:
     c.TagRemovePreprocessor.remove_input_tags = ('remove_input',)
     c.TagRemovePreprocessor.enabled = True
     c.MarkdownExporter.preprocessors = ['nbconvert.preprocessors.TagRemovePreprocessor']
-    nbf = _clean(nbformat.read(nb, as_version=4))
+    nbf = _clean(_figures(nbformat.read(nb, as_version=4), figdir))
     body,_ = MarkdownExporter(config=c).from_notebook_node(nbf)
     body = re.sub(r'\n{3,}', '\n\n', _strip_frontmatter(body)).strip() + '\n'
     return body
 
 def render(dest:Path):
-    "Write docs/*.md and README.md for the current notebooks under `dest`"
+    "Write docs/*.md, docs/figures/*.png and README.md for the current notebooks under `dest`"
+    shutil.rmtree(dest/'docs'/'figures', ignore_errors=True)  # figures of removed cells go too
     with tempfile.TemporaryDirectory() as tmp:
         proc = _proc(Path(tmp))
         (dest/'docs').mkdir(parents=True, exist_ok=True)
         for nb in sorted(proc.glob('*.ipynb')):
-            md = _to_md(nb)
+            md = _to_md(nb, dest/'docs'/'figures')
             if nb.name == 'index.ipynb': (dest/'README.md').write_text(md)
             else: (dest/'docs'/(nb.stem + '.md')).write_text(md)
+
+def _same_png(a:Path, b:Path) -> bool:
+    "Same picture: identical bytes, or (another font rasteriser) same size and nearly the same pixels"
+    if filecmp.cmp(a, b, shallow=False): return True
+    import numpy as np
+    from PIL import Image
+    x,y = (np.asarray(Image.open(f).convert('RGB'), dtype=np.float32) for f in (a, b))
+    return x.shape == y.shape and float(np.abs(x-y).mean()) < 2.
 
 def check() -> int:
     "Fail if committed README.md/docs differ from a fresh render"
@@ -87,6 +127,10 @@ def check() -> int:
         old = {p.name for p in (ROOT/'docs').glob('*.md')}
         bad += [f'docs/{n}' for n in sorted(new ^ old)]
         bad += [f'docs/{n}' for n in sorted(new & old) if not filecmp.cmp(tmp/'docs'/n, ROOT/'docs'/n, shallow=False)]
+        newf = {p.name for p in (tmp/'docs'/'figures').glob('*.png')}
+        oldf = {p.name for p in (ROOT/'docs'/'figures').glob('*.png')}
+        bad += [f'docs/figures/{n}' for n in sorted(newf ^ oldf)]
+        bad += [f'docs/figures/{n}' for n in sorted(newf & oldf) if not _same_png(tmp/'docs'/'figures'/n, ROOT/'docs'/'figures'/n)]
     if bad: print('Docs out of date (run `python tools/make_docs.py`):', *bad, sep='\n  ')
     else: print('README.md and docs/ match the notebooks.')
     return 1 if bad else 0
