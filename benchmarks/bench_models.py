@@ -7,7 +7,7 @@ printed as ratios to plain xresnet50 measured in the same run.
 import argparse, time, statistics
 import torch
 from torch import nn
-from fastai_ranger.models import get_model
+from fastai_ranger.models import make_model
 
 VARIANTS = [
     ('xresnet50', {}),
@@ -22,7 +22,7 @@ VARIANTS = [
 
 def bench(name, kw, size, bs, steps, device, channels_last):
     "Median seconds per forward+backward step"
-    m = get_model(name, **kw).to(device)
+    m = make_model(name, **kw).to(device)
     x = torch.randn(bs, 3, size, size, device=device)
     y = torch.randint(0, 10, (bs,), device=device)
     if channels_last: m, x = m.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)

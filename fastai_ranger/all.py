@@ -8,19 +8,33 @@ Docs: https://fastai-ranger.github.io/fastai-ranger/all.html.md"""
 __all__ = []
 
 # %% ../nbs/90_all.ipynb #cbc15d5c
-from .core import *
-from .lookahead import *
-from .ranger import *
-from .ranger_lars import *
-from .adan import *
-from .schedules import *
-from .timm_optim import *
-from .models import *
-from .data import *
-from .recipes import *
-from .checkpoint import *
-from .train import *
+from .core import FastaiOptWrapper, NonFiniteGradientError
+from .lookahead import lookahead, SlowWeightsCallback
+from .ranger import Ranger, ranger
+from .ranger_lars import RangerLARS, ranger_lars, LARS, lars
+from .adan import Adan, adan
+from .schedules import flat_cos_warmup_sched, alpha_sched, AlphaScheduler
+from .timm_optim import register_timm
+from .models import MODELS, make_model, MaxBlurPool2d, convert_maxpool_to_blurpool, trick_block
+from .data import (
+    get_dls, get_sample, make_sample_dataset, SafePILImage, DataError, BadImageError, WNIDS, CLASS_NAMES)
+from .recipes import RECIPES, LEADERBOARD, get_recipe, find_recipe, recipes_table, RecipeError
+from .checkpoint import (
+    CheckpointCallback, ResumeCallback, load_checkpoint, NonFiniteLossCallback, NonFiniteLossError)
+from .train import train
 
 # %% ../nbs/90_all.ipynb #16f14e53
-from . import core as _core, lookahead as _lookahead, ranger as _ranger, ranger_lars as _ranger_lars, adan as _adan, schedules as _schedules, timm_optim as _timm_optim, models as _models, data as _data, recipes as _recipes, checkpoint as _checkpoint, train as _train
-__all__ = [n for _m in (_core, _lookahead, _ranger, _ranger_lars, _adan, _schedules, _timm_optim, _models, _data, _recipes, _checkpoint, _train) for n in _m.__all__]
+__all__ = [
+    # optimizers: torch classes and fastai opt_funcs
+    'Ranger', 'ranger', 'RangerLARS', 'ranger_lars', 'Adan', 'adan', 'lookahead', 'LARS', 'lars', 'FastaiOptWrapper',
+    'NonFiniteGradientError', 'SlowWeightsCallback', 'register_timm',
+    # schedules
+    'flat_cos_warmup_sched', 'alpha_sched', 'AlphaScheduler',
+    # models
+    'MODELS', 'make_model', 'MaxBlurPool2d', 'convert_maxpool_to_blurpool', 'trick_block',
+    # data
+    'get_dls', 'get_sample', 'make_sample_dataset', 'SafePILImage', 'DataError', 'BadImageError', 'WNIDS', 'CLASS_NAMES',
+    # recipes and training
+    'RECIPES', 'LEADERBOARD', 'get_recipe', 'find_recipe', 'recipes_table', 'RecipeError', 'train',
+    'CheckpointCallback', 'ResumeCallback', 'load_checkpoint', 'NonFiniteLossCallback', 'NonFiniteLossError',
+]

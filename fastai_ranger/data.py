@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 from pathlib import Path
 from PIL import Image, ImageDraw
+from torch import Tensor
 from fastcore.basics import *
 from fastcore.parallel import parallel
 from fastai.vision.all import (DataBlock, ImageBlock, CategoryBlock, ColReader, ColSplitter, RandomResizedCrop, Resize,
@@ -231,7 +232,8 @@ class BadImageError(DataError):
 class SafePILImage(PILImage):
     "A `PILImage` whose loading errors name the file"
     @classmethod
-    def create(cls, fn, **kwargs):
+    def create(cls, fn:Path|str|Tensor|np.ndarray|bytes|Image.Image, **kwargs):
+        "Open `fn` as `PILImage.create` does (path, str, bytes, array, tensor or PIL image)"
         try: return super().create(fn, **kwargs)
         except Exception as e:
             if isinstance(fn, (str, Path)):

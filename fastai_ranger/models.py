@@ -16,7 +16,7 @@ from fastai.vision.models.xresnet import XResNet
 
 # %% auto #0
 __all__ = ['MODELS', 'binomial_kernel', 'MaxBlurPool2d', 'convert_maxpool_to_blurpool', 'trick_block', 'check_model_name',
-           'get_model']
+           'make_model']
 
 # %% ../nbs/10_models.ipynb #b2a3d06b
 def binomial_kernel(n:int) -> torch.Tensor:
@@ -38,9 +38,11 @@ class MaxBlurPool2d(nn.Module):
         self.register_buffer('kernel', (k1[:, None] * k1[None, :])[None, None], persistent=False)
 
     def forward(self, x):
-        c = x.shape[1]
+        c, p = x.shape[1], self.blur_size // 2
+        if min(x.shape[-2:]) <= p: # reflect padding needs more pixels than it pads
+            raise ValueError(f"MaxBlurPool2d: input of {x.shape[-2]}x{x.shape[-1]} px is too small for its blur "
+                             f"(at least {p+1}x{p+1}); use larger images or blurpool=False")
         x = F.max_pool2d(x, self.kernel_size, stride=1, padding=self.kernel_size//2)
-        p = self.blur_size // 2
         x = F.pad(x, (p, p, p, p), mode='reflect')
         return F.conv2d(x, self.kernel.to(x.dtype).expand(c, 1, -1, -1), stride=2, groups=c)
 
@@ -101,7 +103,7 @@ def check_model_name(name:str):
     hint = f"; did you mean {', '.join(close)}?" if close else ''
     raise ValueError(f"Unknown model {name!r}{hint} Available: {', '.join(MODELS)}")
 
-def get_model(name:str, # One of `MODELS`
+def make_model(name:str, # One of `MODELS`
               n_out:int=10, # Number of classes
               c_in:int=3, # Input channels
               act_cls=nn.Mish, # Activation class (the recipes use Mish)
@@ -118,3 +120,6 @@ def get_model(name:str, # One of `MODELS`
     m = XResNet(block, expansion, layers, c_in=c_in, n_out=n_out, act_cls=act_cls, sa=sa, sym=sym,
                 pool=_resolve_pool(pool), **cfg)
     return convert_maxpool_to_blurpool(m) if blurpool else m
+
+# %% ../nbs/10_models.ipynb #2bee38c8
+get_model = make_model # the earlier name, kept for old code; fastai_ranger.all exports `make_model` only

@@ -16,7 +16,7 @@ __all__ = ['BASES', 'LEADERBOARD', 'VARIANTS', 'QUICK', 'RECIPES', 'LIST_COLS', 
 
 # %% ../nbs/21_recipes.ipynb #ee4ef8dc
 _CANON = dict(arch='xse_resnext50', sa=True, blurpool=False, sym=False, pool='MaxPool', act='Mish',
-              opt='ranger', mom=0.95, sqr_mom=0.99, beta3=None, eps=1e-6, k=6, alpha=0.5,
+              opt='ranger', mom=0.95, sqr_mom=0.99, diff_mom=None, eps=1e-6, k=6, alpha=0.5,
               sched='flat_cos', pct=0.75, lr=8e-3, wd=1e-2, bs=64, ls=0.1, mixup=0., precision='fp16',
               resize=False, normalize=False, data=None)
 
@@ -70,7 +70,7 @@ LEADERBOARD = [ # dataset, size, epochs, base, target, n_runs, expected, expecte
 VARIANTS = dict(
     ranger_lars=dict(opt='ranger_lars', mom=0.9, sqr_mom=0.99, eps=1e-6, lr=1e-2, wd=1e-2, sched='flat_cos', pct=0.5,
                      notes="RangerLARS comparison (over9000 settings; wd value of that benchmark not recorded, 1e-2 decoupled used); target is the Ranger record"),
-    adan=dict(opt='adan', mom=0.98, sqr_mom=0.92, beta3=0.99, eps=1e-8, lr=1.5e-2, wd=0.02, sched='one_cycle', pct=0.25,
+    adan=dict(opt='adan', mom=0.98, sqr_mom=0.99, diff_mom=0.92, eps=1e-8, lr=1.5e-2, wd=0.02, sched='one_cycle', pct=0.25,
               k=None, alpha=None, notes="Adan comparison (sail-sg defaults, wd 0.02, one-cycle at 5x the Adam lr; untuned); target is the Ranger record"),
 )
 

@@ -113,3 +113,30 @@ def test_check_and_skip_bad(tmp_path, sample):
         dls = get_dls(32, bs=8, data=ds, workers=0, device='cpu', skip_bad=True)
     assert len(dls.train_ds) == 119 and dls.source['skipped_bad'] == 1
     for _ in dls.train: pass
+
+PREDICT = '''
+import sys, warnings
+from pathlib import Path
+from fastai.vision.all import load_learner, PILImage
+warnings.simplefilter('ignore')
+learn, fn = load_learner(sys.argv[1]), Path(sys.argv[2])
+for x in (fn, str(fn), PILImage.create(fn)):
+    lbl, idx, probs = learn.predict(x)
+    assert lbl in learn.dls.vocab and probs.shape == (10,), (lbl, probs.shape)
+print(len(learn.dls.test_dl([fn, str(fn)]).one_batch()[0]))
+'''
+
+def test_predict_after_load_learner_in_a_fresh_process(tmp_path, sample):
+    "A learner on `get_dls` data, exported, predicts on a Path, a str and a PILImage in a new Python process"
+    import subprocess, sys
+    from conftest import child_env
+    from fastai.vision.all import Learner, Flatten
+    from torch import nn
+    dls = get_dls(32, bs=8, data=sample, workers=0, device='cpu')
+    learn = Learner(dls, nn.Sequential(nn.AdaptiveAvgPool2d(1), Flatten(), nn.Linear(3, 10)))
+    learn.export(tmp_path/'export.pkl')
+    fn = sample/dls.valid_ds.items.path.iloc[0]
+    r = subprocess.run([sys.executable, '-c', PREDICT, str(tmp_path/'export.pkl'), str(fn)], capture_output=True, text=True,
+                       timeout=300, env=child_env())
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[-1] == '2'

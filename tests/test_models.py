@@ -2,13 +2,13 @@
 import resource
 import pytest, torch
 from torch import nn
-from fastai_ranger.models import MODELS, get_model, MaxBlurPool2d
+from fastai_ranger.models import MODELS, make_model, MaxBlurPool2d
 
 @pytest.mark.parametrize('name', list(MODELS))
 @pytest.mark.parametrize('size', [64, 128])
 def test_forward_backward(name, size):
     torch.manual_seed(0)
-    m = get_model(name, sa=True, pool='max', blurpool=True)
+    m = make_model(name, sa=True, pool='max', blurpool=True)
     x = torch.randn(2, 3, size, size)
     y = m(x)
     assert y.shape == (2, 10)
@@ -19,7 +19,7 @@ def test_forward_backward(name, size):
 def test_canonical_model_trains_batch32_at_128px():
     "xse_resnext50 + SA + MaxBlurPool: a training step on a batch of 32 at 128 px on CPU, within a modest memory budget"
     torch.manual_seed(0)
-    m = get_model('xse_resnext50', sa=True, pool='max', blurpool=True)
+    m = make_model('xse_resnext50', sa=True, pool='max', blurpool=True)
     x, y = torch.randn(32, 3, 128, 128), torch.randint(0, 10, (32,))
     opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
     losses = []
