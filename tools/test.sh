@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The full test suite: notebooks/library sync, docs freshness, notebook tests, pytest.
+# The full test suite: notebooks/library sync, docs freshness, notebook tests, pytest, the GPU check in smoke mode.
 # Run from an environment where the package is installed with its dev extra (see README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +10,7 @@ if [ -z "${FASTAI_RANGER_MINI:-}" ] && [ -d ../shared/data/imagenette2-160-mini 
 fi
 
 snapshot() { find nbs fastai_ranger -type f \( -name '*.ipynb' -o -name '*.py' \) -not -path '*/.ipynb_checkpoints/*' -print0 | sort -z | xargs -0 sha1sum; }
-echo "== 1/4 notebooks and library in sync (nbdev-clean, nbdev-export change nothing)"
+echo "== 1/5 notebooks and library in sync (nbdev-clean, nbdev-export change nothing)"
 before=$(snapshot)
 nbdev-clean
 nbdev-export
@@ -23,11 +23,15 @@ if [ "$before" != "$after" ]; then
 fi
 echo "in sync"
 
-echo "== 2/4 README.md and docs/ rendered from the current notebooks"
+echo "== 2/5 README.md and docs/ rendered from the current notebooks"
 python tools/make_docs.py --check
 
-echo "== 3/4 notebook tests (nbdev-test; flags skipped: notest slow cuda)"
+echo "== 3/5 notebook tests (nbdev-test; flags skipped: notest slow cuda)"
 nbdev-test --timing
 
-echo "== 4/4 pytest"
+echo "== 4/5 pytest"
 python -m pytest tests -ra --durations=15
+
+echo "== 5/5 GPU check in smoke mode (benchmarks/gpu_check.py on the CPU, tiny sizes: the GPU command cannot rot)"
+smoke_out="$(mktemp -d)"
+python benchmarks/gpu_check.py --smoke --out "$smoke_out" ${FASTAI_RANGER_MINI:+--data "$FASTAI_RANGER_MINI"}
