@@ -165,7 +165,7 @@ def _src_hash(opt:str) -> str:
 def run_row(name:str, # Row name (key of `rows`)
             d:dict, # Output of `load_study_data`
             epochs:int=5, size:int=64, bs:int=64,
-            arch:str='xresnet18', # Name for `fastai_ranger.models.get_model`
+            arch:str='xresnet18', # Name for `fastai_ranger.models.make_model`
             widen:float=0.5, # Width multiplier of the xresnet
             seed:int=42,
             rows:dict=None, # Row table (default `STUDY_ROWS`)
@@ -179,8 +179,8 @@ def run_row(name:str, # Row name (key of `rows`)
     opt_func = study_opt_func(row)
     set_seed(seed, reproducible=True)
     dls = study_dls(d, size=size, bs=bs, device=default_device(), workers=workers)
-    from fastai_ranger.models import get_model
-    model = get_model(arch, n_out=len(d['vocab']), act_cls=nn.Mish, widen=widen)
+    from fastai_ranger.models import make_model
+    model = make_model(arch, n_out=len(d['vocab']), act_cls=nn.Mish, widen=widen)
     timer = StepTimer()
     learn = Learner(dls, model, opt_func=opt_func, loss_func=LabelSmoothingCrossEntropyFlat(eps=0.1),
                     metrics=accuracy, cbs=timer)
@@ -318,7 +318,7 @@ def main(data:str=None, # Imagenette folder ('sample' for generated data; defaul
          epochs:int=5, # Epochs per row
          size:int=64, # Training side, px
          bs:int=64, # Batch size
-         arch:str='xresnet18', # Architecture name for `get_model`
+         arch:str='xresnet18', # Architecture name for `make_model`
          widen:float=0.5, # Width multiplier
          train_subset:int=5000, # Random subset of training images (0: all)
          valid_subset:int=2000, # Random subset of validation images (0: all)

@@ -6,16 +6,13 @@ from PIL import Image
 from fastai_ranger.data import *
 from fastai_ranger.data import _draw
 
-MINI = Path(os.environ.get('FASTAI_RANGER_MINI', '/work/shared/data/imagenette2-160-mini'))
-needs_mini = pytest.mark.skipif(not MINI.exists(), reason=f"{MINI} not available")
 
 @pytest.fixture(scope='module')
 def sample(tmp_path_factory):
     return make_sample_dataset(tmp_path_factory.mktemp('s')/'sample', n_train=12, n_valid=4, size=64, seed=0)
 
-@needs_mini
-def test_mini_layout_and_source():
-    path,df,src = resolve_data(MINI, 'imagenette', size=128)
+def test_mini_layout_and_source(mini):
+    path,df,src = resolve_data(mini, 'imagenette', size=128)
     assert (len(df), int(df.is_valid.sum())) == (700, 200)
     assert sorted(df.label.unique()) == WNIDS['imagenette']
     assert src['kind'] == 'folder' and src['copy'] == '160' and src['n_classes'] == 10
@@ -74,22 +71,20 @@ def test_sample_via_data_arg(tmp_path, monkeypatch):
     assert (tmp_path/'fastai_ranger_sample_imagewoof'/'noisy_imagewoof.csv').exists()
     assert get_sample('imagewoof') == tmp_path/'fastai_ranger_sample_imagewoof'  # reused, not regenerated
 
-@needs_mini
-def test_recipe_transforms_on_real_images():
-    dls = get_dls(128, bs=8, data=MINI, workers=0, device='cpu', max_train=16, max_valid=16)
+def test_recipe_transforms_on_real_images(mini):
+    dls = get_dls(128, bs=8, data=mini, workers=0, device='cpu', max_train=16, max_valid=16)
     xb,yb = dls.one_batch()
     assert xb.shape == (8,3,128,128) and xb.dtype == torch.float32 and 0 <= xb.min() and xb.max() <= 1
     assert dls.source['train_tfm'] == 'RandomResizedCrop(128, min_scale=0.35)+flip'
     assert dls.source['valid_tfm'] == 'squish to 152 then centre crop 128'
     v1,v2 = dls.valid.one_batch()[0], dls.valid.one_batch()[0]
     assert torch.equal(v1, v2)  # validation is deterministic
-    n = get_dls(128, bs=8, data=MINI, workers=0, device='cpu', normalize=True, max_train=8, max_valid=8)
+    n = get_dls(128, bs=8, data=mini, workers=0, device='cpu', normalize=True, max_train=8, max_valid=8)
     assert n.one_batch()[0].min() < 0
 
-@needs_mini
-def test_tgz(tmp_path):
+def test_tgz(tmp_path, mini):
     arc = tmp_path/'imagenette2-160.tgz'
-    with tarfile.open(arc, 'w:gz') as t: t.add(MINI, arcname='imagenette2-160')
+    with tarfile.open(arc, 'w:gz') as t: t.add(mini, arcname='imagenette2-160')
     path,df,src = resolve_data(arc)
     assert src['kind'] == 'archive' and len(df) == 700 and src['copy'] == '160'
     bad = tmp_path/'broken.tgz'; bad.write_bytes(arc.read_bytes()[:1000])

@@ -2,13 +2,9 @@
 import json, os
 from pathlib import Path
 import pandas as pd
-import pytest
-
-nbformat = pytest.importorskip('nbformat')
-nbclient = pytest.importorskip('nbclient')
+import pytest, nbformat, nbclient
 
 ROOT = Path(__file__).resolve().parents[1]
-MINI = Path(os.environ.get('FASTAI_RANGER_MINI', '/work/shared/data/imagenette2-160-mini'))
 
 def _set_params(nb, **params):
     "Replace the notebook's `parameters` cell (papermill convention) with `params`"
@@ -50,9 +46,9 @@ def test_leaderboard_notebook_on_sample(dataset, tmp_path, monkeypatch):
     pngs = [c for c in nb.cells if c.cell_type == 'code' and any('image/png' in o.get('data', {}) for o in c.outputs)]
     assert len(pngs) >= 2  # the saved curves and the schedule are shown
 
-def test_study_on_mini(tmp_path):
-    from fastai_ranger.study import run_study, STUDY_ROWS
-    data = MINI if MINI.exists() else 'sample'
+def test_study_on_mini(tmp_path, mini):
+    from fastai_ranger.study import run_study
+    data = mini
     df = run_study(data, out=tmp_path, rows='fastai_ranger,ranger', epochs=1, size=32, bs=32, widen=0.25,
                    train_subset=128, valid_subset=64, quiet=True, command='pytest-study', workers=0)
     assert list(df.row) == ['fastai_ranger', 'ranger']
@@ -73,7 +69,7 @@ def test_study_on_mini(tmp_path):
 
 def test_study_notebook_shows_committed_results(tmp_path):
     res = ROOT/'recipes'/'results'/'study'
-    if not (res/'study.json').exists(): pytest.skip("no committed study results")
+    assert (res/'study.json').exists(), "the committed study results are missing"
     nb = nbformat.read(ROOT/'recipes'/'study.ipynb', as_version=4)
     _set_params(nb, RUN=False, OUT=str(res))
     nbclient.NotebookClient(nb, timeout=120, kernel_name='python3', resources={'metadata': {'path': str(tmp_path)}}).execute()
