@@ -35,8 +35,8 @@ def _init_state(state:dict, p:Tensor, g:Tensor):
     state['exp_avg'],state['exp_avg_diff'],state['exp_avg_sq'] = z(),z(),z()
     state['prev_grad'] = g.to(_state_dtype(p), copy=True)  # so that d = g - prev_grad = 0 at step 1
 
-_STATE_KEYS = frozenset(('step',) + _MOMENT_KEYS)
-def _needs_init(state:dict) -> bool: return not _STATE_KEYS <= state.keys()
+_STATE_KEYS = ('step',) + _MOMENT_KEYS
+def _needs_init(state:dict) -> bool: return not all(k in state for k in _STATE_KEYS)
 
 # %% ../nbs/04_adan.ipynb #a68924f6
 def _adan_single(p:Tensor, g:Tensor, state:dict, *, beta1, beta2, beta3, lr, eps, wd, no_prox, t):
@@ -141,8 +141,19 @@ class Adan(torch.optim.Optimizer):
         for p,s in list(self.state.items()):
             self.state[p] = {k:v for k,v in s.items() if k in ('do_wd', 'force_train')}
 
+    def add_param_group(self, param_group:dict):
+        super().add_param_group(param_group)
+        try: check_real(self.param_groups[-1]['params'], 'Adan')
+        except ValueError: self.param_groups.pop(); raise
+
+    def state_dict(self):
+        "torch's state dict, recording the class (`OPT_CLASS_KEY`) so that another optimizer refuses it"
+        return {**super().state_dict(), OPT_CLASS_KEY: type(self).__name__}
+
     def load_state_dict(self, state_dict:dict):
-        "Load state; keeps float32 moments of half-precision parameters in float32 (torch would cast them)"
+        "Check `state_dict` (see `check_state_dict`), then load it; float32 moments of half-precision parameters stay float32"
+        check_state_dict(self, state_dict, tuple(_STATE_KEYS), _MOMENT_KEYS,
+                         lambda g: _check_adan_group({'no_prox': False, 'max_grad_norm': 0., **g}))  # older groups lack these two
         super().load_state_dict(state_dict)
         saved = [i for g in state_dict['param_groups'] for i in g['params']]
         cur = [p for g in self.param_groups for p in g['params']]
@@ -269,17 +280,18 @@ class AdanOptWrapper(FastaiOptWrapper):
 # %% ../nbs/04_adan.ipynb #5d0bc5eb
 def adan(params,
          lr:float=1e-3, # Learning rate (the Adan README suggests 5-10x your Adam lr)
-         betas:tuple=(0.98,0.92,0.99), # (β₁, β₂, β₃), code convention
+         mom:float=0.98, # β₁ (betas[0]): gradient average; scheduled `mom` goes through `mom_ref`
+         sqr_mom:float=0.99, # β₃ (betas[2]): average of the squared (Nesterov) gradient, Adam's β₂
+         diff_mom:float=0.92, # β₂ (betas[1]): average of the gradient difference
          eps:float=1e-8, # Added to the debiased sqrt(n)
          wd:float=0.02, # Decoupled weight decay (fastai's `wd`)
          no_prox:bool=False, # Plain AdamW-like decay instead of the proximal form
          max_grad_norm:float=0., # Global gradient clipping (0 disables)
-         mom_ref:float|None=0.95, # fastai `mom` value that means β₁=betas[0] (None: `mom` is β₁)
+         mom_ref:float|None=0.95, # Scheduled fastai `mom` that stands for β₁=`mom` (None: scheduled `mom` is β₁)
          nonfinite:str|None=None, # None, 'skip' or 'raise'
          foreach:bool|None=None, # False: reference path
          fused:bool|None=None, # Compiled kernel: None where it pays off, True always, False never
         ) -> AdanOptWrapper:
     "fastai `opt_func` for `Adan`: `Learner(dls, model, opt_func=adan)`"
-    return AdanOptWrapper(params, opt=Adan, mom_ref=mom_ref, lr=lr, betas=betas, eps=eps, weight_decay=wd,
-                          no_prox=no_prox, max_grad_norm=max_grad_norm, nonfinite=nonfinite, foreach=foreach,
-                          fused=fused)
+    return AdanOptWrapper(params, opt=Adan, mom_ref=mom_ref, lr=lr, betas=(mom, diff_mom, sqr_mom), eps=eps, weight_decay=wd,
+                          no_prox=no_prox, max_grad_norm=max_grad_norm, nonfinite=nonfinite, foreach=foreach, fused=fused)

@@ -6,19 +6,21 @@ Docs: https://fastai-ranger.github.io/fastai-ranger/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #66dbbf52
 from __future__ import annotations
-import math, operator, warnings
+import contextlib, functools, math, operator, os, warnings
+from functools import partial
 from collections import defaultdict, OrderedDict
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 from fastcore.basics import *
-from fastai.optimizer import OptimWrapper
+from fastai.optimizer import OptimWrapper, Optimizer as FastaiOptimizer, detuplify_pg
 
 # %% auto #0
-__all__ = ['NONFINITE_MODES', 'default_hp_map', 'check_hyper', 'check_lr', 'check_eps', 'check_wd', 'check_beta', 'check_betas',
-           'check_nonfinite_mode', 'check_dense', 'grads_finite', 'NonFiniteGradientError', 'should_skip_step',
-           'group_by_key', 'FlatState', 'flat_state', 'Compiled', 'alias', 'AliasCache', 'WrappedOptimizer',
-           'honours_do_wd', 'FastaiOptWrapper', 'takes_wd']
+__all__ = ['NONFINITE_MODES', 'OPT_CLASS_KEY', 'default_hp_map', 'check_hyper', 'check_lr', 'check_eps', 'check_wd', 'check_beta',
+           'check_betas', 'check_nonfinite_mode', 'check_dense', 'grads_finite', 'NonFiniteGradientError',
+           'should_skip_step', 'check_real', 'group_by_key', 'FlatState', 'flat_state', 'CompileNotice',
+           'compile_notice', 'Compiled', 'alias', 'AliasCache', 'rows_shape', 'state_dict_tag', 'check_state_dict',
+           'WrappedOptimizer', 'honours_do_wd', 'FastaiOptWrapper', 'takes_wd', 'fastai_opt', 'wrap_opt_func']
 
 # %% ../nbs/00_core.ipynb #ec6822f4
 def check_hyper(name:str, # Name of the hyperparameter, used in the message
@@ -81,6 +83,14 @@ def should_skip_step(grads:list, mode, opt_name:str='optimizer') -> bool:
     if mode == 'raise': raise NonFiniteGradientError(msg + "; step not taken, weights and state untouched")
     import warnings; warnings.warn(msg + "; step skipped")
     return True
+
+# %% ../nbs/00_core.ipynb #e4ffa307
+def check_real(params, opt_name:str):
+    "Raise a clear error for complex parameters (not supported: optimize their `torch.view_as_real` form instead)"
+    for i,p in enumerate(params):
+        if torch.is_complex(p):
+            raise ValueError(f"{opt_name} does not support complex parameters (parameter {i}: {p.dtype}, shape {tuple(p.shape)}); "
+                             "store it as a real tensor, torch.view_as_real(w), and use torch.view_as_complex(p) in forward")
 
 # %% ../nbs/00_core.ipynb #8e44328a
 def group_by_key(keys:list, *lists) -> dict:
@@ -156,9 +166,28 @@ def flat_state(cache:dict, ps:list, states:list, keys:tuple, align:int=1) -> Fla
     return fs
 
 # %% ../nbs/00_core.ipynb #f2a45b64
+class CompileNotice(UserWarning):
+    "The one-line notice that a first step compiles kernels (silence: `FASTAI_RANGER_COMPILE_NOTICE=0` or this category)"
+
+_noticed = False
+def compile_notice(name:str):
+    "Say once per process that `name` is compiling its kernels, unless silenced (see `CompileNotice`)"
+    global _noticed
+    if _noticed or os.environ.get('FASTAI_RANGER_COMPILE_NOTICE', '1').strip().lower() in ('0', 'false', 'no', 'off'): return
+    _noticed = True
+    warnings.warn(f"{name}: compiling fused kernels with torch.compile; the first step(s) can take 5-30 s on CPU (once per process, "
+                  "faster with a warm TorchInductor cache). Silence with FASTAI_RANGER_COMPILE_NOTICE=0", CompileNotice, stacklevel=3)
+
+def _no_duck_shapes():
+    "Context in which dynamo gives equal sizes distinct symbols (a no-op where the switch does not exist)"
+    try:
+        from torch.fx.experimental import _config
+        return _config.patch(use_duck_shape=False)
+    except (ImportError, AttributeError): return contextlib.nullcontext()
+
 class Compiled:
     "`torch.compile(fn, dynamic=True, fullgraph=True)` on first use; sets `failed` (and returns None) if compiling fails here"
-    def __init__(self, fn, name:str): self.fn,self.name,self.cfn,self.failed = fn,name,None,False
+    def __init__(self, fn, name:str): self.fn,self.name,self.cfn,self.failed,self.seen = fn,name,None,False,set()
 
     def usable(self, dev) -> bool: return not self.failed and dev.type in ('cpu', 'cuda')
 
@@ -166,12 +195,18 @@ class Compiled:
         "Run the compiled `fn`; on a compilation/runtime failure warn once and return None (raise if `strict`)"
         if self.failed and not strict: return None   # failed before: no second compile attempt, no second warning
         try:
-            if self.cfn is None: self.cfn = torch.compile(self.fn, dynamic=True, fullgraph=True)
-            return self.cfn(*args)
+            if self.cfn is None:
+                compile_notice(self.name)
+                self.cfn = torch.compile(self.fn, dynamic=True, fullgraph=True)
+            sig = tuple((a.dtype, a.dim()) for a in args if isinstance(a, Tensor))
+            if sig in self.seen: return self.cfn(*args)
+            with _no_duck_shapes(): res = self.cfn(*args)   # a first (R, R) call must not give a graph for square tensors only
+            self.seen.add(sig)
+            return res
         except Exception as e:
             if strict: raise
             self.failed = True
-            warnings.warn(f"{self.name}: torch.compile kernel unavailable ({type(e).__name__}: {str(e)[:200]}); using the eager path")
+            warnings.warn(f"{self.name}: torch.compile kernel unavailable, using the eager path. {type(e).__name__}: {e}")
             return None
 
 # %% ../nbs/00_core.ipynb #0b368476
@@ -184,13 +219,68 @@ def alias(t:Tensor, shape:tuple|None=None, offset:int=0) -> Tensor:
     return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset()+offset, shape, stride)
 
 class AliasCache:
-    "`alias(t)` of long-lived tensors (parameters, optimizer state), made again only if `t`'s memory changed"
+    "`alias(t, shape)` of long-lived tensors (parameters, optimizer state), made again only if `t`'s memory changed"
     def __init__(self): self.d = {}
-    def __call__(self, t:Tensor) -> Tensor:
-        k = (id(t), t.data_ptr(), t.numel(), t.dtype)
+    def __call__(self, t:Tensor, shape:tuple|None=None) -> Tensor:
+        k = (id(t), t.data_ptr(), t.numel(), t.dtype, shape)
         a = self.d.get(id(t))
-        if a is None or a[0] != k: a = self.d[id(t)] = (k, alias(t))
+        if a is None or a[0] != k: a = self.d[id(t)] = (k, alias(t, shape))
         return a[1]
+
+@functools.lru_cache(maxsize=4096)
+def _rows_of(n:int, width:int) -> tuple|None:
+    if n % width == 0 and n//width >= 2: return (n//width, width)
+    k = next((k for k in range(min(n//2, 4096), 1, -1) if n % k == 0), None)   # compiled row kernels guard K <= 4096
+    return None if k is None else (n//k, k)
+
+def rows_shape(t:Tensor, width:int=512) -> tuple|None:
+    "A 2-d shape (R, K), R, K >= 2, to read `t` as rows: K = `width` if it divides `t.numel()`, else a divisor <= 4096; None if none"
+    return _rows_of(t.numel(), width)
+
+# %% ../nbs/00_core.ipynb #5f169c89
+OPT_CLASS_KEY = 'optimizer_class'
+_FLAGS = ('do_wd', 'force_train')   # fastai's per-parameter flags, which any optimizer's state may hold
+
+def state_dict_tag(opt) -> str:
+    "The class name `state_dict()` records for `opt`, wrapped optimizers in parentheses: `'Lookahead(AdamW)'`"
+    inner = getattr(opt, 'optimizer', None)
+    return type(opt).__name__ + (f"({state_dict_tag(inner)})" if isinstance(inner, Optimizer) and inner is not opt else '')
+
+def check_state_dict(opt:Optimizer, # The optimizer about to load `sd`
+                     sd:dict, # The state dict
+                     state_keys:tuple=(), # Keys a parameter's saved state must hold (unless it holds nothing but fastai's flags)
+                     shaped:tuple=(), # Keys whose tensors have the parameter's shape
+                     check_group=None, # Validates one saved param group (raises `ValueError`, or `KeyError` for a missing key)
+                     together:tuple=() # Keys present together or not at all (e.g. Lookahead's `slow` and `la_step`)
+                    ):
+    "Raise a `ValueError` saying what differs unless `sd` fits `opt` (its class, param groups, state keys and shapes)"
+    name = type(opt).__name__
+    def fail(msg): raise ValueError(f"{name}.load_state_dict: {msg}")
+    if not isinstance(sd, dict) or not {'state', 'param_groups'} <= set(sd):
+        fail(f"expected an optimizer state dict with 'state' and 'param_groups', got {type(sd).__name__}")
+    tag,want = sd.get(OPT_CLASS_KEY),state_dict_tag(opt)
+    if tag is not None and tag != want: fail(f"the state dict was saved by {tag}, this optimizer is {want}")
+    saved = sd['param_groups']
+    ns,nc = [len(g['params']) for g in saved],[len(g['params']) for g in opt.param_groups]
+    if ns != nc: fail(f"the state dict has param groups of sizes {ns}, this optimizer {nc}")
+    for gi,g in enumerate(saved):
+        if check_group is None: continue
+        try: check_group(g)
+        except KeyError as e: fail(f"param group {gi} has no {e.args[0]!r} (saved by another optimizer type?)")
+        except ValueError as e: fail(f"param group {gi}: {e}")
+    for gi,(g,cg) in enumerate(zip(saved, opt.param_groups)):
+        for i,p in zip(g['params'], cg['params']):
+            s = sd['state'].get(i) or {}
+            have = sorted(k for k in s if k not in _FLAGS)
+            where = f"parameter {i} (group {gi}, shape {tuple(p.shape)})"
+            missing = [k for k in state_keys if k not in s] if have else []
+            if missing: fail(f"the state of {where} lacks {missing}; it has {have} (saved by another optimizer type?)")
+            part = [k for k in together if k in s]
+            if part and len(part) != len(together): fail(f"the state of {where} has {part} without {[k for k in together if k not in s]}")
+            for k in shaped:
+                v = s.get(k)
+                if v is not None and (not isinstance(v, Tensor) or v.shape != p.shape):
+                    fail(f"state {k!r} of {where} has shape {tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__}")
 
 # %% ../nbs/00_core.ipynb #3d8315f6
 _HOOK_TABLES = ('_optimizer_step_pre_hooks', '_optimizer_step_post_hooks', '_optimizer_state_dict_pre_hooks',
@@ -220,12 +310,21 @@ class WrappedOptimizer(Optimizer):
     def defaults(self, v): self.optimizer.defaults = v
 
     def __repr__(self): return f"{type(self).__name__}({self.optimizer!r})"
-    def state_dict(self): return self.optimizer.state_dict()
-    def load_state_dict(self, state_dict): self.optimizer.load_state_dict(state_dict)
+    def state_dict(self):
+        "The inner optimizer's state dict, recording this wrapper's class (`OPT_CLASS_KEY`)"
+        return {**self.optimizer.state_dict(), OPT_CLASS_KEY: state_dict_tag(self)}
+    def _check_state_dict(self, sd): check_state_dict(self, sd)
+    def load_state_dict(self, state_dict):
+        "Check `state_dict` (see `check_state_dict`), then load it into the inner optimizer"
+        self._check_state_dict(state_dict)
+        sd = dict(state_dict)
+        if OPT_CLASS_KEY in sd: sd[OPT_CLASS_KEY] = state_dict_tag(self.optimizer)
+        self.optimizer.load_state_dict(sd)
     def zero_grad(self, set_to_none:bool=True): self.optimizer.zero_grad(set_to_none=set_to_none)
     def add_param_group(self, param_group:dict): self.optimizer.add_param_group(param_group)
 
 # %% ../nbs/00_core.ipynb #3aeaa24e
+_HYPER_HINTS = {k: "; `k` and `alpha` are Lookahead's: wrap the opt_func, e.g. `lookahead(adan)`" for k in ('k', 'alpha')}
 default_hp_map = {'betas__0': 'mom', 'betas__1': 'sqr_mom', 'weight_decay': 'wd', 'momentum': 'mom'}
 
 def honours_do_wd(opt) -> bool:
@@ -248,6 +347,12 @@ class FastaiOptWrapper(OptimWrapper):
     @state.setter
     def state(self, v): self.__dict__['_flags'] = v  # fastai's __init__ assigns a fresh dict
 
+    def _set_hyper(self, k, v):
+        if k not in self.bwd_map:
+            has = [n for n,v in self.hypers[0].items() if _num(v)]
+            raise ValueError(f"{state_dict_tag(self.opt)} has no hyperparameter {k!r} (it has {', '.join(has)}){_HYPER_HINTS.get(k, '')}")
+        super()._set_hyper(k, v)
+
     def clear_state(self):
         "Clear optimizer state, keeping fastai's per-parameter flags"
         if not honours_do_wd(self.opt): return super().clear_state()
@@ -258,3 +363,34 @@ class FastaiOptWrapper(OptimWrapper):
 def takes_wd(state:dict) -> bool:
     "Whether a parameter with optimizer `state` receives weight decay (fastai's `wd_bn_bias=False` clears it)"
     return state.get('do_wd', True)
+
+# %% ../nbs/00_core.ipynb #c0a1f2e5
+def _torch_class(f) -> bool:
+    "Whether `f` is a torch optimizer class, or a `partial` of one"
+    while isinstance(f, partial): f = f.func
+    return isinstance(f, type) and issubclass(f, Optimizer)
+
+def fastai_opt(opt_func, params, **kwargs):
+    "`opt_func(params, **kwargs)`; a torch optimizer class (or `partial`) gets fastai's param groups converted, as `OptimWrapper` does"
+    if _torch_class(opt_func): return FastaiOptWrapper(params, opt=opt_func, **kwargs)
+    return opt_func(params, **kwargs)
+
+def wrap_opt_func(opt_func, # A fastai opt_func or a torch optimizer class
+                  wrap, # Called with the torch optimizer, returns the wrapping torch optimizer
+                  name:str, # Name of the combinator, for error messages
+                  own:tuple=(), # Param-group keys `wrap` adds, scheduled under their own names
+                  fastai_wrap=None # Called with a native fastai `Optimizer` (None: not supported)
+                 ):
+    "An opt_func giving `opt_func`'s optimizer with the torch optimizer inside wrapped by `wrap`"
+    def _wrapped(params, **kwargs):
+        opt = fastai_opt(opt_func, params, **kwargs)
+        if isinstance(opt, FastaiOptimizer):
+            if fastai_wrap is None: raise TypeError(f"{name}: {opt_func} gives a fastai Optimizer; pass a torch optimizer class or a torch-based opt_func")
+            return fastai_wrap(opt)
+        if isinstance(opt, Optimizer): opt = FastaiOptWrapper(opt=opt)
+        if not isinstance(opt, OptimWrapper): raise TypeError(f"{name}: {opt_func} returned a {type(opt).__name__}, not an optimizer")
+        opt.opt = wrap(opt.opt)
+        opt.fwd_map = {k: k if k in own else opt.fwd_map.get(k, k) for k in detuplify_pg(opt.opt.param_groups[0])}
+        opt.bwd_map = {v:k for k,v in opt.fwd_map.items()}
+        return opt
+    return _wrapped

@@ -7,6 +7,7 @@ Docs: https://fastai-ranger.github.io/fastai-ranger/lookahead.html.md"""
 # %% ../nbs/01_lookahead.ipynb #6567c595
 from __future__ import annotations
 from contextlib import contextmanager
+from functools import partial
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
@@ -92,6 +93,10 @@ class Lookahead(LookaheadMixin, WrappedOptimizer):
         self.optimizer.defaults.update(k=k, alpha=alpha)
         for g in self.param_groups: g.setdefault('k', k); g.setdefault('alpha', alpha)
 
+    def _check_state_dict(self, sd):
+        "The saved groups must carry valid `k`/`alpha`, and any slow weights the parameters' shapes"
+        check_state_dict(self, sd, shaped=('slow',), together=('slow', 'la_step'), check_group=lambda g: (check_k(g['k']), check_alpha(g['alpha'])))
+
     def add_param_group(self, param_group:dict):
         param_group = {'k': self.defaults['k'], 'alpha': self.defaults['alpha'], **param_group}
         check_k(param_group['k']); check_alpha(param_group['alpha'])
@@ -117,26 +122,19 @@ class Lookahead(LookaheadMixin, WrappedOptimizer):
         return loss
 
 # %% ../nbs/01_lookahead.ipynb #cc2ae27e
-def lookahead(opt_func, # A fastai opt_func (or a torch optimizer class)
+def lookahead(opt_func, # A fastai opt_func, or a torch optimizer class such as `torch.optim.AdamW`
               k:int=6, # Sync period
               alpha:float=0.5 # Slow-weight step size
              ):
-    "Wrap `opt_func` in Lookahead"
+    "Wrap `opt_func` in Lookahead: `Learner(..., opt_func=lookahead(torch.optim.AdamW))`"
     check_k(k); check_alpha(alpha)
-    def _lookahead(params, **kwargs):
-        opt = opt_func(params, **kwargs)
-        if isinstance(opt, FastaiOptimizer): return FastaiLookahead(opt, k=k, alpha=alpha)
-        if isinstance(opt, OptimWrapper):
-            hp_map = {kk:v for kk,v in opt.fwd_map.items() if kk not in ('k','alpha')}
-            return FastaiOptWrapper(opt=Lookahead(opt.opt, k=k, alpha=alpha), hp_map=hp_map)
-        if isinstance(opt, Optimizer): return FastaiOptWrapper(opt=Lookahead(opt, k=k, alpha=alpha))
-        raise TypeError(f"lookahead: {opt_func} returned a {type(opt).__name__}, not an optimizer")
-    return _lookahead
+    return wrap_opt_func(opt_func, partial(Lookahead, k=k, alpha=alpha), 'lookahead', own=('k', 'alpha'),
+                         fastai_wrap=partial(FastaiLookahead, k=k, alpha=alpha))
 
 # %% ../nbs/01_lookahead.ipynb #d0a243c0
 def _la_opt(learn):
     o = getattr(learn, 'opt', None)
-    while o is not None and not hasattr(type(o), 'swap_slow_weights'): o = getattr(o, 'opt', None)
+    while o is not None and not hasattr(type(o), 'swap_slow_weights'): o = getattr(o, 'opt', getattr(o, 'optimizer', None))
     return o
 
 class SlowWeightsCallback(Callback):

@@ -66,7 +66,18 @@ class RAdamLookaheadBase(LookaheadMixin, Optimizer):
 
     def add_param_group(self, param_group:dict):
         super().add_param_group(param_group)
-        self._check_group(self.param_groups[-1])
+        try: self._check_group(self.param_groups[-1]); check_real(self.param_groups[-1]['params'], type(self).__name__)
+        except Exception: self.param_groups.pop(); raise
+
+    _state_keys = ('step', 'exp_avg', 'exp_avg_sq', 'slow')
+    def state_dict(self):
+        "torch's state dict, recording the class (`OPT_CLASS_KEY`) so that another optimizer refuses it"
+        return {**super().state_dict(), OPT_CLASS_KEY: type(self).__name__}
+
+    def load_state_dict(self, state_dict:dict):
+        "Check `state_dict` (class, hyperparameters, state keys and shapes; see `check_state_dict`), then load it"
+        check_state_dict(self, state_dict, self._state_keys, self._state_keys[1:], self._check_group)
+        super().load_state_dict(state_dict)
 
     def _init_state(self, p):
         s = self.state[p]

@@ -7,6 +7,7 @@ Docs: https://fastai-ranger.github.io/fastai-ranger/ranger_lars.html.md"""
 # %% ../nbs/03_ranger_lars.ipynb #8b18f555
 from __future__ import annotations
 import math
+from functools import partial
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
@@ -17,7 +18,7 @@ from .ranger import *
 from .ranger import RAdamLookaheadBase, Ranger
 
 # %% auto #0
-__all__ = ['TRUST_MODES', 'RangerLARS', 'ranger_lars', 'LARS']
+__all__ = ['TRUST_MODES', 'RangerLARS', 'ranger_lars', 'LARS', 'lars']
 
 # %% ../nbs/03_ranger_lars.ipynb #da206e01
 TRUST_MODES = ('over9000', 'lamb', None)
@@ -99,6 +100,10 @@ def _row_sums(rows:Tensor, fs:FlatState) -> Tensor:
     seg = fs.row_segments()
     return torch.zeros((len(fs.ps),)+rows.shape[1:], dtype=rows.dtype, device=rows.device).index_add_(0, seg, rows)
 
+def _tensor_sums(s:Tensor) -> Tensor:
+    "The [Σp'², Σq²] of one tensor from its kernel's output: per-row sums (R, 2) are added up"
+    return s if s.dim() == 1 else s.sum(0)
+
 class RangerLARS(RAdamLookaheadBase):
     "Lookahead over RAdam with a per-tensor trust ratio (Over9000)"
     def __init__(self, params, # Parameters or param groups
@@ -147,7 +152,8 @@ class RangerLARS(RAdamLookaheadBase):
                and p.is_contiguous() and grads[i].is_contiguous() and ms[i].is_contiguous() and vs[i].is_contiguous()]
         rest = sorted(set(range(len(ps))) - set(big))
         al = self.__dict__.setdefault('_aliases', AliasCache())
-        items = [(al(ps[i]), alias(grads[i]), al(ms[i]), al(vs[i])) for i in big]
+        shapes = [rows_shape(ps[i], self.row_width) if self._stores(ms[0]) else None for i in big]   # CPU: rows, as the small tensors
+        items = [(al(ps[i], sh), alias(grads[i], sh), al(ms[i], sh), al(vs[i], sh)) for i,sh in zip(big, shapes)]
         fs = None
         if rest:
             fs = self._flat_state([ps[i] for i in rest])
@@ -155,7 +161,7 @@ class RangerLARS(RAdamLookaheadBase):
         slows = None
         if t % g['k'] == 0 and self._stores(ms[0]):   # a Lookahead step: the large tensors sync in their update pass
             slows = [self.state[ps[i]]['slow'] for i in big]
-            slows = [al(o) for o in slows] if all(o.is_contiguous() for o in slows) else None
+            slows = [al(o, sh) for o,sh in zip(slows, shapes)] if all(o.is_contiguous() for o in slows) else None
         if not self._update_kernels(items, fs, hp, slows, g['alpha']): return self._update_eager(ps, grads, hp)
         if fs is not None: fs.scatter()
         if slows is None: return False
@@ -214,7 +220,7 @@ class RangerLARS(RAdamLookaheadBase):
             d = self._work(x[2], x[2].shape)
             s = self._call(_store_kernel, i == 0, *x, d, sc)
             if s is None: return False
-            tau = self._tau_host(*s.tolist(), lr)
+            tau = self._tau_host(*_tensor_sums(s).tolist(), lr)
             if slows is None: _axpby_(x[0], d, a, tau)
             else:
                 _sync_kernel(x[0], d, slows[i], torch.tensor([a, tau, alpha], dtype=sc.dtype))
@@ -316,3 +322,14 @@ class LARS(WrappedOptimizer):
             for g,wd in zip(self.param_groups, wds):
                 if wd is not None: g['weight_decay'] = wd
         return loss
+
+# %% ../nbs/03_ranger_lars.ipynb #07951644
+def lars(opt_func, # A fastai opt_func, or a torch optimizer class such as `torch.optim.SGD`
+         trust_coef:float=1e-3, # Trust coefficient η
+         clip:bool=True, # LARC clipping: min(r/lr, 1)
+         eps:float=1e-8, # Added to the denominator
+         exclude_1d:bool=True # Don't adapt 1-d tensors (BN weights, biases)
+        ):
+    "Wrap `opt_func` in `LARS`: `Learner(..., opt_func=lars(partial(torch.optim.SGD, momentum=0.9)))`"
+    check_hyper('trust_coef', trust_coef, isinstance(trust_coef, (int,float)) and trust_coef > 0, "a number > 0"); check_eps(eps)
+    return wrap_opt_func(opt_func, partial(LARS, trust_coef=trust_coef, clip=clip, eps=eps, exclude_1d=exclude_1d), 'lars')

@@ -12,11 +12,11 @@ from fastcore.foundation import L
 from fastcore.meta import delegates
 from fastai.learner import Learner
 from fastai.callback.schedule import ParamScheduler, SchedCos, SchedLin, SchedNo, combine_scheds
-from .core import check_hyper
+from .core import check_hyper, state_dict_tag
 from .lookahead import check_alpha
 
 # %% auto #0
-__all__ = ['flat_cos_warmup_sched', 'alpha_sched', 'AlphaScheduler']
+__all__ = ['flat_cos_warmup_sched', 'alpha_sched', 'check_has_alpha', 'AlphaScheduler']
 
 # %% ../nbs/05_schedules.ipynb #6619e994
 def flat_cos_warmup_sched(lr, # Peak learning rate (a number or an array, one per param group)
@@ -48,7 +48,7 @@ def fit_flat_cos_warmup(self:Learner, n_epoch:int, # Number of epochs
     self.opt.set_hyper('lr', self.lr if lr is None else lr)
     lr = np.array([h['lr'] for h in self.opt.hypers])
     scheds = {'lr': flat_cos_warmup_sched(lr, div, div_final, pct_warmup, pct_start)}
-    if alpha is not None: scheds['alpha'] = alpha_sched(*alpha)
+    if alpha is not None: check_has_alpha(self.opt); scheds['alpha'] = alpha_sched(*alpha)
     self.fit(n_epoch, cbs=ParamScheduler(scheds)+L(cbs), reset_opt=reset_opt, wd=wd, start_epoch=start_epoch)
 
 # %% ../nbs/05_schedules.ipynb #343fdca7
@@ -60,6 +60,19 @@ def alpha_sched(start:float=0.5, # alpha at the start of training
     check_alpha(start, 'start'); check_alpha(end, 'end')
     return sched(start, end)
 
+def check_has_alpha(opt):
+    "Raise a clear error unless fastai optimizer `opt` has Lookahead's `alpha` hyperparameter"
+    if 'alpha' in opt.hypers[0]: return
+    inner = getattr(opt, 'opt', opt)
+    raise ValueError(f"A Lookahead alpha schedule needs an optimizer with Lookahead; {state_dict_tag(inner)} has none "
+                     "(use ranger, ranger_lars, or wrap the opt_func: lookahead(adan), lookahead(torch.optim.AdamW))")
+
+class _AlphaScheduler(ParamScheduler):
+    "`ParamScheduler` that checks, before fitting, that the optimizer has an `alpha` to schedule"
+    def before_fit(self):
+        check_has_alpha(self.opt)
+        super().before_fit()
+
 def AlphaScheduler(start:float=0.5, end:float=1.0, sched=SchedCos) -> ParamScheduler:
     "A `ParamScheduler` for Lookahead's `alpha` (param-group hyperparameter of Ranger/RangerLARS/Lookahead)"
-    return ParamScheduler({'alpha': alpha_sched(start, end, sched)})
+    return _AlphaScheduler({'alpha': alpha_sched(start, end, sched)})
