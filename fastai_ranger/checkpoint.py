@@ -6,7 +6,7 @@ Docs: https://fastai-ranger.github.io/fastai-ranger/checkpoint.html.md"""
 
 # %% ../nbs/22_checkpoint.ipynb #1ecebdca
 from __future__ import annotations
-import os, random, tempfile, warnings, pickle
+import os, random, tempfile, warnings, pickle, errno
 from pathlib import Path
 import numpy as np, torch
 from torch import Tensor
@@ -17,8 +17,9 @@ from fastai.callback.core import Callback, CancelEpochException
 from fastai.optimizer import Optimizer
 
 # %% auto #0
-__all__ = ['atomic_save', 'get_rng_states', 'set_rng_states', 'seed_all', 'checkpoint_state', 'CheckpointCallback',
-           'ResumeCallback', 'load_checkpoint', 'NonFiniteLossError', 'NonFiniteLossCallback']
+__all__ = ['remove_stale_tmp', 'atomic_torch_save', 'get_rng_states', 'set_rng_states', 'seed_all', 'checkpoint_state',
+           'CheckpointCallback', 'ResumeCallback', 'CheckpointError', 'read_checkpoint', 'checkpoint_problems',
+           'load_checkpoint', 'NonFiniteLossError', 'NonFiniteLossCallback']
 
 # %% ../nbs/22_checkpoint.ipynb #d310db5a
 def _fsync_dir(d:Path):
@@ -29,9 +30,38 @@ def _fsync_dir(d:Path):
     except OSError: pass
     finally: os.close(fd)
 
-def atomic_save(obj, # Anything `torch.save` accepts
-                path:str|Path # Destination file; its parent directory is created if needed
-               ) -> Path:
+def _chain(e:BaseException):
+    "`e` and the exceptions it was raised from or during (torch turns a failed write into a `RuntimeError`)"
+    seen = []
+    while e is not None and e not in seen: seen.append(e); e = e.__cause__ or e.__context__
+    return seen
+
+def _umask() -> int:
+    m = os.umask(0); os.umask(m); return m
+
+def _write_error(e:BaseException, path:Path) -> BaseException:
+    "A clear error for a failed checkpoint write; a Ctrl-C inside `torch.save` stays a `KeyboardInterrupt`"
+    ch = _chain(e)
+    if any(isinstance(o, KeyboardInterrupt) for o in ch): return KeyboardInterrupt()
+    os_err = next((o for o in ch if isinstance(o, OSError)), None)
+    kept = f"the previous checkpoint {path} is intact" if path.exists() else f"no previous checkpoint at {path}"
+    if os_err is not None and os_err.errno == errno.ENOSPC:
+        return OSError(errno.ENOSPC, f"no space left on device while writing {path}; {kept}. Free some space and resume")
+    if os_err is not None:
+        return OSError(os_err.errno, f"cannot write {path} ({os_err.strerror or os_err}); {kept}")
+    return e
+
+def remove_stale_tmp(path:str|Path) -> list:
+    "Delete the temporary files `.<name>.*.tmp` that a kill during `atomic_torch_save` left next to `path`"
+    path = Path(path)
+    if not path.parent.is_dir(): return []
+    old = [o for o in path.parent.glob(f'.{path.name}.*.tmp') if o.is_file()]
+    for o in old: o.unlink(missing_ok=True)
+    return old
+
+def atomic_torch_save(obj, # Anything `torch.save` accepts
+                      path:str|Path # Destination file; its parent directory is created if needed
+                     ) -> Path:
     "`torch.save` `obj` to `path` atomically: a failure or kill mid-write leaves any previous `path` intact"
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -40,11 +70,14 @@ def atomic_save(obj, # Anything `torch.save` accepts
         with os.fdopen(fd, 'wb') as f:
             torch.save(obj, f)
             f.flush(); os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask()) # `mkstemp` creates 0600 files; give the user's usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try: os.unlink(tmp)
         except OSError: pass
-        raise
+        err = _write_error(e, path)
+        if err is e: raise
+        raise err from None
     _fsync_dir(path.parent)
     return path
 
@@ -105,7 +138,18 @@ def _unwrap(m): return getattr(m, 'module', m)  # DistributedDataParallel / Data
 def _find_cb(learn, cls):
     return next((cb for cb in learn.cbs if isinstance(cb, cls)), None)
 
-def checkpoint_state(learn, epoch:int) -> dict:
+def _dist():
+    "`torch.distributed` if a process group is running, else `None`"
+    d = torch.distributed
+    return d if d.is_available() and d.is_initialized() else None
+
+def _rank() -> int: return _dist().get_rank() if _dist() else 0
+def _world() -> int: return _dist().get_world_size() if _dist() else 1
+
+def checkpoint_state(learn, epoch:int,
+                     meta:dict=None, # What identifies the run (recipe, arch, opt, ...), compared on resume
+                     rng_ranks:list=None # Under DDP: every rank's `get_rng_states`, in rank order
+                    ) -> dict:
     "Everything needed to continue `learn`'s `fit` at `epoch`, as tensors and plain Python types"
     rec = getattr(learn, 'recorder', None)
     hist = None
@@ -120,9 +164,12 @@ def checkpoint_state(learn, epoch:int) -> dict:
         train_iter=getattr(learn, 'train_iter', 0),
         model=_unwrap(learn.model).state_dict(),
         opt=learn.opt.state_dict() if learn.opt is not None else None,
-        opt_class=type(getattr(learn.opt, 'opt', learn.opt)).__name__,
+        opt_class=_opt_class(learn.opt),
         scaler=scaler.state_dict() if scaler is not None and hasattr(scaler, 'state_dict') else None,
-        recorder=hist, hps=getattr(ps, 'hps', None), rng=get_rng_states(learn.dls)))
+        recorder=hist, hps=getattr(ps, 'hps', None), rng=get_rng_states(learn.dls),
+        rng_ranks=rng_ranks, world_size=_world(), meta=meta))
+
+def _opt_class(opt) -> str: return type(getattr(opt, 'opt', opt)).__name__
 
 # %% ../nbs/22_checkpoint.ipynb #1bd8ae47
 def _finite_record(learn) -> bool:
@@ -133,6 +180,14 @@ def _finite_record(learn) -> bool:
 def _finite_params(model) -> bool:
     return all(bool(p.detach().isfinite().all()) for p in model.parameters() if p.is_floating_point())
 
+def _gather_rngs(dls):
+    "Under DDP, every rank's generators (a collective: all ranks call it); else `None`"
+    d = _dist()
+    if d is None or d.get_world_size() == 1: return None
+    out = [None]*d.get_world_size()
+    d.all_gather_object(out, get_rng_states(dls))
+    return out
+
 class CheckpointCallback(Callback):
     "Atomically write model, optimizer, scaler, history and RNG states to `path/fname.pth` after every epoch"
     order = 80 # last in `after_epoch`: Recorder (50), ParamScheduler (60) and loggers have recorded the epoch
@@ -140,7 +195,8 @@ class CheckpointCallback(Callback):
                  path:str|Path='.', # Directory of the checkpoint
                  fname:str='last', # File name, without the `.pth`
                  every:int=1, # Write every `every` epochs (and always after the last one)
-                 rank0_only:bool=True # Under DDP only rank 0 writes
+                 rank0_only:bool=True, # Under DDP only rank 0 writes
+                 meta:dict=None # What identifies the run (e.g. recipe, arch, opt); `load_checkpoint(expect=...)` compares it
                 ):
         store_attr()
         self.path = Path(path)
@@ -148,6 +204,8 @@ class CheckpointCallback(Callback):
     @property
     def file(self) -> Path: return self.path/f'{self.fname}.pth'
 
+    def before_fit(self):
+        if _rank() == 0: remove_stale_tmp(self.file) # left by a kill during an earlier write
     def before_epoch(self): self._cancelled = False
     def after_cancel_epoch(self): self._cancelled = True
     def after_cancel_fit(self): self._cancelled = True
@@ -156,17 +214,14 @@ class CheckpointCallback(Callback):
         if getattr(self, '_cancelled', False): return
         done = self.epoch+1
         if done % self.every and done != self.n_epoch: return
+        rngs = _gather_rngs(self.dls) # before any rank can return: every rank must take part
         if not (_finite_record(self.learn) and _finite_params(_unwrap(self.model))):
-            warnings.warn(f"epoch {self.epoch}: non-finite loss or weights, checkpoint not written; "
-                          f"the last good one ({self.file}) is kept")
+            kept = f"the last good one ({self.file}) is kept" if self.file.exists() else "no checkpoint has been written yet"
+            warnings.warn(f"epoch {self.epoch}: non-finite loss or weights, checkpoint not written; {kept}")
             return
         if self.rank0_only and _rank() != 0: return
-        atomic_save(checkpoint_state(self.learn, done), self.file)
+        atomic_torch_save(checkpoint_state(self.learn, done, meta=self.meta, rng_ranks=rngs), self.file)
         self.last_saved = done
-
-def _rank():
-    d = torch.distributed
-    return d.get_rank() if d.is_available() and d.is_initialized() else 0
 
 # %% ../nbs/22_checkpoint.ipynb #dc211ccd
 class ResumeCallback(Callback):
@@ -188,13 +243,18 @@ class ResumeCallback(Callback):
         scaler = getattr(self.learn, 'scaler', None)
         if scaler is not None and c.get('scaler') is not None: scaler.load_state_dict(c['scaler'])
 
+    def rng_state(self) -> dict:
+        "This rank's saved generators (rank 0's when the world size changed)"
+        rr = self.ckpt.get('rng_ranks')
+        return rr[_rank()] if rr and len(rr) == _world() else self.ckpt['rng']
+
     def before_epoch(self):
         self._skipped = self.epoch < self.start
         if self._skipped:
             self._logger,self.learn.logger = self.learn.logger,noop
             raise CancelEpochException
         if self.epoch == self.start:
-            set_rng_states(self.ckpt['rng'], self.dls)
+            set_rng_states(self.rng_state(), self.dls)
             self.learn.train_iter = self.ckpt.get('train_iter', self.learn.train_iter)
 
     def after_epoch(self):
@@ -206,18 +266,114 @@ class ResumeCallback(Callback):
     def after_fit(self): self.learn.remove_cb(self)
 
 # %% ../nbs/22_checkpoint.ipynb #de32b8d1
+class CheckpointError(RuntimeError, ValueError):
+    "A checkpoint that can't be read, or that does not belong to the learner or run it is loaded into"
+
 def _torch_load(f, trusted:bool):
     try: return torch.load(f, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         if not trusted:
-            raise RuntimeError(f"{f} holds objects that `torch.load(weights_only=True)` refuses ({e}). "
-                               "It was not written by CheckpointCallback; pass trusted=True only if you trust its source") from e
+            raise CheckpointError(f"{f} holds objects that `torch.load(weights_only=True)` refuses ({e}). "
+                                  "It was not written by CheckpointCallback; pass trusted=True only if you trust its source") from e
         return torch.load(f, map_location='cpu', weights_only=False)
 
+def read_checkpoint(f:str|Path, trusted:bool=False) -> dict:
+    "The content of checkpoint file `f`, or a `CheckpointError` saying in one line why it can't be read"
+    f = Path(f)
+    if f.is_dir(): raise CheckpointError(f"{f} is a directory, not a checkpoint file")
+    if f.stat().st_size == 0:
+        raise CheckpointError(f"{f} is empty (0 bytes), not a checkpoint; delete it to start that run again")
+    try: c = _torch_load(f, trusted)
+    except CheckpointError: raise
+    except Exception as e:
+        why = (str(e).strip().splitlines() or [''])[0]
+        raise CheckpointError(f"{f} is not a readable checkpoint (truncated or corrupt: {type(e).__name__}: {why})") from None
+    if not isinstance(c, dict) or not isinstance(c.get('model'), dict) or 'epoch' not in c:
+        raise CheckpointError(f"{f} is not a checkpoint written by CheckpointCallback (no 'model'/'epoch' entries)")
+    return c
+
+# %% ../nbs/22_checkpoint.ipynb #76454429
+def _few(xs, n=3) -> str: return ', '.join(map(str, xs[:n])) + (f" and {len(xs)-n} more" if len(xs) > n else '')
+
+def _nonfinite(t) -> bool: return torch.is_tensor(t) and t.is_floating_point() and not bool(t.isfinite().all())
+
+def _model_problems(sd:dict, model) -> list:
+    ms = _unwrap(model).state_dict()
+    miss,extra = [k for k in ms if k not in sd],[k for k in sd if k not in ms]
+    shp = [f"{k} {list(sd[k].shape)} vs {list(v.shape)}" for k,v in ms.items()
+           if torch.is_tensor(sd.get(k)) and sd[k].shape != v.shape]
+    out = []
+    if miss: out.append(f"{len(miss)} model tensor(s) missing from the checkpoint ({_few(miss)})")
+    if extra: out.append(f"{len(extra)} checkpoint tensor(s) the model does not have ({_few(extra)})")
+    if shp: out.append(f"shape in the checkpoint vs the model: {_few(shp)}")
+    return out
+
+def _weight_problems(sd:dict) -> list:
+    bad = [k for k,v in sd.items() if _nonfinite(v)]
+    return [f"non-finite weights in {_few(bad)} (CheckpointCallback never writes those: the file was altered or corrupted)"] if bad else []
+
+def _opt_params(opt):
+    "The parameters of `opt` in the order its `state_dict` numbers them (torch or fastai optimizer)"
+    o = getattr(opt, 'opt', opt)
+    if isinstance(o, torch.optim.Optimizer): return [p for g in o.param_groups for p in g['params']]
+    if hasattr(opt, 'param_lists'): return [p for pl in opt.param_lists for p in pl]
+    return None
+
+def _saved_states(sd:dict):
+    "Per-parameter states of an optimizer `state_dict` in parameter order (torch's dict or fastai's list)"
+    st = sd.get('state') if isinstance(sd, dict) else None
+    if isinstance(st, list): return st
+    if isinstance(st, dict) and isinstance(sd.get('param_groups'), list):
+        return [st.get(i, {}) for g in sd['param_groups'] for i in g.get('params', [])]
+    return None
+
+def _opt_problems(c:dict, learn, complete:bool) -> list:
+    out,sd = [],c['opt']
+    want,have = c.get('opt_class'),_opt_class(learn.opt)
+    if want is not None and want != have: return [f"optimizer: {want} in the checkpoint, {have} in this run"]
+    ps,sts = _opt_params(learn.opt),_saved_states(sd)
+    if ps is None or sts is None: return out
+    if len(ps) != len(sts): return [f"the optimizer state covers {len(sts)} parameters, this learner's optimizer {len(ps)}"]
+    names = {id(p):n for n,p in _unwrap(learn.model).named_parameters()}
+    nm = lambda i: names.get(id(ps[i]), f"parameter {i}")
+    keys = [{k for k,v in (s or {}).items() if torch.is_tensor(v) and v.ndim > 0} for s in sts]
+    shp = [f"{nm(i)}.{k} {list(s[k].shape)} vs {list(ps[i].shape)}" for i,s in enumerate(sts) for k in sorted(keys[i])
+           if s[k].shape != ps[i].shape]
+    if shp: out.append(f"optimizer state shape vs parameter shape: {_few(shp)}")
+    allk = set().union(*keys) if keys else set()
+    miss = [f"{nm(i)} (no {', '.join(sorted(allk-k))})" for i,k in enumerate(keys) if k != allk]
+    if complete and miss: out.append(f"optimizer state missing for {len(miss)} parameter(s): {_few(miss)}")
+    bad = [f"{nm(i)}.{k}" for i,s in enumerate(sts) for k in sorted(keys[i]) if _nonfinite(s[k])]
+    if bad: out.append(f"non-finite optimizer state in {_few(bad)}")
+    return out
+
+def checkpoint_problems(c:dict, # A checkpoint (`read_checkpoint`)
+                        learn, # The learner it is to be loaded into
+                        with_opt:bool=True, # Check the optimizer state too
+                        expect:dict=None, # The run's `meta` (see `CheckpointCallback`), and `epochs` if known
+                        complete_state:bool=False # Every parameter must have optimizer state if any has
+                       ) -> list:
+    "Everything in checkpoint `c` that does not fit `learn` or the run described by `expect`, one phrase each"
+    expect,meta,out = expect or {},c.get('meta') or {},[]
+    for k,v in expect.items():
+        if k in meta and meta[k] != v: out.append(f"{k}: {meta[k]!r} in the checkpoint, {v!r} in this run")
+    e,n = c.get('epoch'),expect.get('epochs', c.get('n_epoch'))
+    if not (isinstance(e, int) and not isinstance(e, bool) and e >= 1):
+        out.append(f"epoch {e!r} is not a number of completed epochs (an integer >= 1)")
+    elif isinstance(n, int) and e > n: out.append(f"epoch {e} is beyond the run's {n} epochs")
+    out += _model_problems(c['model'], learn.model) + _weight_problems(c['model'])
+    if with_opt and c.get('opt') is not None:
+        if learn.opt is None: learn.create_opt()
+        out += _opt_problems(c, learn, complete_state)
+    return out
+
+# %% ../nbs/22_checkpoint.ipynb #7e5cbe6a
 def load_checkpoint(learn, # `Learner` built exactly as for the original run (same model, data, callbacks)
                     path:str|Path, # A checkpoint file, or the directory holding `last.pth`
                     with_opt:bool=True, # Also restore the optimizer state
-                    trusted:bool=False # Allow a full (non `weights_only`) unpickle for files from a trusted source
+                    trusted:bool=False, # Allow a full (non `weights_only`) unpickle for files from a trusted source
+                    expect:dict=None, # The run's `meta` (and `epochs`): refuse a checkpoint of another run
+                    complete_state:bool=False # Refuse optimizer state missing for some parameters
                    ) -> int:
     "Restore a checkpoint written by `CheckpointCallback` into `learn`; returns the epoch to start from"
     p = Path(path)
@@ -225,22 +381,21 @@ def load_checkpoint(learn, # `Learner` built exactly as for the original run (sa
     if not f.exists():
         raise FileNotFoundError(f"No checkpoint at {f}: nothing to resume from "
                                 "(CheckpointCallback writes `last.pth` after the first completed epoch)")
-    c = _torch_load(f, trusted)
-    if not isinstance(c, dict) or 'model' not in c or 'epoch' not in c:
-        raise ValueError(f"{f} is not a checkpoint written by CheckpointCallback (no 'model'/'epoch' entries)")
-    try: _unwrap(learn.model).load_state_dict(c['model'])
-    except RuntimeError as e:
-        raise RuntimeError(f"The checkpoint {f} does not fit this model; build the learner with the same "
-                           f"architecture and options as the original run.\n{e}") from e
+    c = read_checkpoint(f, trusted)
+    probs = checkpoint_problems(c, learn, with_opt, expect, complete_state)
+    if probs:
+        what = 'model' if _model_problems(c['model'], learn.model) else 'run'
+        fix = ("build the learner with the same architecture and options as the original run" if what == 'model'
+               else "use this run's own checkpoint (or delete it to train the run again)")
+        raise CheckpointError(f"The checkpoint {f} does not fit this {what}: {'; '.join(probs)}; {fix}")
+    _unwrap(learn.model).load_state_dict(c['model'])
     if with_opt and c.get('opt') is not None:
-        if learn.opt is None: learn.create_opt()
         sd = c['opt']
         if isinstance(learn.opt, Optimizer): sd = {**sd, 'hypers': L(sd['hypers'])}
         try: learn.opt.load_state_dict(sd)
-        except (ValueError, KeyError, AssertionError) as e:
-            raise RuntimeError(f"The optimizer state in {f} ({c.get('opt_class')}) does not fit this learner's optimizer "
-                               f"({type(getattr(learn.opt, 'opt', learn.opt)).__name__}); use the same optimizer and "
-                               f"parameter groups as the original run") from e
+        except (ValueError, KeyError, AssertionError, RuntimeError, TypeError) as e:
+            raise CheckpointError(f"The optimizer state in {f} ({c.get('opt_class')}) does not fit this learner's optimizer "
+                                  f"({_opt_class(learn.opt)}): {e}; use the same optimizer and parameter groups as the original run") from None
     for cb in [cb for cb in learn.cbs if isinstance(cb, ResumeCallback)]: learn.remove_cb(cb)
     learn.add_cb(ResumeCallback(c))
     return c['epoch']
@@ -258,9 +413,10 @@ class NonFiniteLossCallback(Callback):
         loss = getattr(self.learn, 'loss', None)
         if loss is None or bool(torch.isfinite(loss.detach()).all()): return
         phase = 'training' if self.training else 'validation'
-        msg = (f"Non-finite loss ({loss.detach().float().mean().item()}) at epoch {self.epoch}/{self.n_epoch}, "
-               f"{phase} iteration {self.iter}/{self.n_iter} (0-based, as in the progress table); training stopped "
-               "before the optimizer step, so the weights are still finite.")
+        msg = f"Non-finite loss ({loss.detach().float().mean().item()}) at epoch {self.epoch}/{self.n_epoch}, " \
+              f"{phase} iteration {self.iter}/{self.n_iter} (0-based, as in the progress table); "
+        msg += ("training stopped before the optimizer step, so the weights are still finite." if _finite_params(_unwrap(self.model))
+                else "the weights were already non-finite before this batch (e.g. loaded from an altered checkpoint).")
         ck = _find_cb(self.learn, CheckpointCallback)
         if ck is not None and ck.file.exists():
             msg += (f" The last good checkpoint is kept: {ck.file} (after epoch {torch.load(ck.file, weights_only=True)['epoch']-1}); "

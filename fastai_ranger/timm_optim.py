@@ -6,28 +6,23 @@ Docs: https://fastai-ranger.github.io/fastai-ranger/timm_optim.html.md"""
 
 # %% ../nbs/06_timm_optim.ipynb #9258f4fe
 from __future__ import annotations
-import warnings
+import inspect, warnings
 from fastcore.basics import *
+from .registry import OPTS
 
 # %% auto #0
 __all__ = ['TIMM_OPTIMIZERS', 'register_timm']
 
 # %% ../nbs/06_timm_optim.ipynb #ef3142fa
-TIMM_OPTIMIZERS = {
-    'ranger':     dict(opt_class='fastai_ranger.ranger.Ranger', num_betas=2,
-                       description='fastai-ranger Ranger: RAdam + Lookahead (fastai semantics), fused fast path'),
-    'franger':    dict(opt_class='fastai_ranger.ranger.Ranger', num_betas=2,
-                       description='fastai-ranger Ranger (alias that never clashes with timm names)'),
-    'rangerlars': dict(opt_class='fastai_ranger.ranger_lars.RangerLARS', num_betas=2,
-                       description='fastai-ranger RangerLARS (Over9000): Lookahead + RAdam + LARS trust ratio'),
-    'frangerlars':dict(opt_class='fastai_ranger.ranger_lars.RangerLARS', num_betas=2,
-                       description='fastai-ranger RangerLARS (alias that never clashes with timm names)'),
-    'fradan':     dict(opt_class='fastai_ranger.adan.Adan', num_betas=3, defaults={'no_prox': False},
-                       description='fastai-ranger Adan (sail-sg algorithm), proximal weight decay'),
-    'fradanw':    dict(opt_class='fastai_ranger.adan.Adan', num_betas=3, defaults={'no_prox': True},
-                       description='fastai-ranger Adan (sail-sg algorithm), AdamW-style decoupled weight decay'),
-}
-_ALWAYS = ('franger', 'frangerlars', 'fradan', 'fradanw')
+def _timm_entry(spec, name:str, defaults:dict) -> dict:
+    "timm `OptimInfo` fields for registry row `spec` under the timm name `name`"
+    nb = len(inspect.signature(spec.cls()).parameters['betas'].default)
+    alias = ' (an alias that never clashes with timm names)' if name.startswith('fr') and not defaults else ''
+    return dict(opt_class=spec.torch_class, num_betas=nb, description=f"fastai-ranger {spec.label}{alias}",
+                **({'defaults': dict(defaults)} if defaults else {}))
+
+TIMM_OPTIMIZERS = {n: _timm_entry(s, n, d) for s in OPTS.values() for n,d in s.timm.items()}
+_ALWAYS = tuple(n for n in TIMM_OPTIMIZERS if n.startswith('fr'))
 
 # %% ../nbs/06_timm_optim.ipynb #6dc60471
 def _is_ours(info) -> bool:

@@ -6,7 +6,7 @@ Docs: https://fastai-ranger.github.io/fastai-ranger/train.html.md"""
 
 # %% ../nbs/23_train.ipynb #a376b9ef
 from __future__ import annotations
-import json, math, os, platform, sys, time, warnings, inspect
+import errno, hashlib, json, math, os, platform, sys, tempfile, time, warnings, inspect
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
@@ -17,17 +17,23 @@ from fastcore.script import call_parse, bool_arg, CliError
 import fastai
 from fastai.vision.all import (Learner, Callback, CancelEpochException, accuracy, top_k_accuracy, LabelSmoothingCrossEntropy,
                                CrossEntropyLossFlat, MixUp, set_seed, Mish, MaxPool, AvgPool, rank_distrib, num_distrib)
+from fastai.torch_core import find_bs
 from fastai.callback.channelslast import *
 from .core import check_lr, check_wd, check_eps, check_beta, check_hyper
 from .data import get_dls, DataError
 from .recipes import RECIPES, get_recipe, find_recipe, recipes_table, BASES, RecipeError
-from .checkpoint import seed_all, CheckpointCallback, load_checkpoint, NonFiniteLossCallback, NonFiniteLossError
+from .checkpoint import (seed_all, CheckpointCallback, load_checkpoint, read_checkpoint, CheckpointError, ResumeCallback, remove_stale_tmp,
+                         NonFiniteLossCallback, NonFiniteLossError)
+try: import fcntl
+except ImportError: fcntl = None # Windows: the folder lock falls back to an exclusive-create lock file
 
 # %% auto #0
-__all__ = ['OPTIMIZERS', 'SCHEDULES', 'PRECISIONS', 'ACTS', 'OPT_HYPERS', 'RUN_DEFAULTS', 'RESULT_COLS', 'USER_ERRORS',
-           'get_opt_func', 'build_model', 'make_config', 'check_config', 'RunLog', 'find_bs', 'read_epochs',
-           'effective_precision', 'build_learner', 'fit', 'versions', 'hardware', 'train_run', 'summarize',
-           'summary_text', 'save_plots', 'write_results', 'train', 'print_list', 'main']
+__all__ = ['OPTIMIZERS', 'SCHEDULES', 'PRECISIONS', 'ACTS', 'OPT_HYPERS', 'RUN_DEFAULTS', 'RESULT_COLS', 'RESUME_FLAGS',
+           'USER_ERRORS', 'get_opt_func', 'build_model', 'make_config', 'check_device', 'check_config', 'RunLog',
+           'read_epochs', 'epochs_from_checkpoint', 'effective_precision', 'run_meta', 'build_learner', 'fit',
+           'FolderLock', 'write_text_atomic', 'run_started', 'check_new_out', 'local_device', 'setup_processes',
+           'on_rank0', 'ddp_ctx', 'state_digest', 'replica_digests', 'launcher_mismatch', 'versions', 'hardware',
+           'train_run', 'summarize', 'summary_text', 'save_plots', 'write_results', 'train', 'print_list', 'main']
 
 # %% ../nbs/23_train.ipynb #ec7778ea
 def _opt_src(name):
@@ -48,10 +54,10 @@ def get_opt_func(cfg):
     if cfg.opt not in OPTIMIZERS: raise ValueError(f"Invalid opt: {cfg.opt!r} (expected one of {', '.join(OPTIMIZERS)})")
     f = _opt_src(cfg.opt)
     ps = inspect.signature(f).parameters
-    hp = {k:cfg.get(k) for k in ('mom','sqr_mom','beta3','eps','wd','k','alpha','nonfinite') if cfg.get(k) is not None}
-    if 'betas' in ps and any(k in hp for k in ('mom','sqr_mom','beta3')):
+    hp = {k:cfg.get(k) for k in ('mom','sqr_mom','diff_mom','eps','wd','k','alpha','nonfinite') if cfg.get(k) is not None}
+    if 'betas' in ps and any(k in hp for k in ('mom','diff_mom','sqr_mom')): # an Adan taking torch-style betas=(β₁, β₂, β₃)
         d = ps['betas'].default
-        hp['betas'] = tuple(hp.pop(k, d[i]) for i,k in enumerate(('mom','sqr_mom','beta3')[:len(d)]))
+        hp['betas'] = tuple(hp.pop(k, d[i]) for i,k in enumerate(('mom','diff_mom','sqr_mom')[:len(d)]))
     hp = {k:v for k,v in hp.items() if k in ps}
     return partial(f, **hp)
 
@@ -69,7 +75,7 @@ def build_model(cfg, n_out:int):
     return get_model(cfg.arch, n_out=n_out, act_cls=ACTS[cfg.act], sa=cfg.sa, sym=cfg.sym, pool=pool, blurpool=cfg.blurpool)
 
 # %% ../nbs/23_train.ipynb #9aa9a9aa
-OPT_HYPERS = ('mom','sqr_mom','beta3','eps','k','alpha')
+OPT_HYPERS = ('mom','sqr_mom','diff_mom','eps','k','alpha')
 RUN_DEFAULTS = dict(runs=1, seed=42, workers=None, device=None, channels_last=False, deterministic=False, skip_bad=False,
                     check_images=False, max_train_batches=None, max_valid_batches=None, nonfinite=None)
 _CELL_KEYS = ('dataset','size','epochs','data_copy')
@@ -103,14 +109,30 @@ def make_config(recipe:str=None, dataset:str=None, size:int=None, epochs:int=Non
 def _check_int(name, v, lo):
     check_hyper(name, v, isinstance(v, int) and not isinstance(v, bool) and v >= lo, f"an integer >= {lo}")
 
+def check_device(device):
+    "Raise `ValueError` unless `device` is `None` or a device this machine has (cpu, cuda, cuda:N, mps)"
+    if device is None: return
+    try: d = torch.device(device)
+    except (RuntimeError, TypeError): raise ValueError(f"Invalid device: {device!r} (expected cpu, cuda or cuda:N)") from None
+    if d.type == 'cuda':
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0: raise ValueError(f"Invalid device: {device!r}: no CUDA GPU is visible to torch {torch.__version__}; use --device cpu")
+        if d.index is not None and d.index >= n:
+            raise ValueError(f"Invalid device: {device!r}: this machine has {n} GPU(s), cuda:0 to cuda:{n-1}")
+    elif d.type == 'mps':
+        if not torch.backends.mps.is_available(): raise ValueError(f"Invalid device: {device!r}: MPS is not available here")
+    elif d.type != 'cpu': raise ValueError(f"Invalid device: {device!r} (expected cpu, cuda or cuda:N)")
+
 def check_config(cfg):
     "Raise `ValueError` naming the first invalid setting of `cfg`"
     for n,lo in (('epochs',1),('size',32),('bs',1),('runs',1)): _check_int(n, cfg[n], lo)
     for n in ('max_train_batches','max_valid_batches'):
         if cfg[n] is not None: _check_int(n, cfg[n], 1)
+    if cfg.get('workers') is not None: _check_int('workers', cfg.workers, 0)
+    check_device(cfg.get('device'))
     check_lr(cfg.lr, 'lr'); check_wd(cfg.wd, 'wd')
     if cfg.eps is not None: check_eps(cfg.eps, 'eps')
-    for n in ('mom','sqr_mom','beta3'):
+    for n in ('mom','sqr_mom','diff_mom'):
         if cfg.get(n) is not None: check_beta(cfg[n], n)
     check_hyper('pct', cfg.pct, isinstance(cfg.pct,(int,float)) and 0 <= cfg.pct <= 1, "a number in [0, 1]")
     check_hyper('label_smoothing', cfg.ls, isinstance(cfg.ls,(int,float)) and 0 <= cfg.ls < 1, "a number in [0, 1)")
@@ -140,8 +162,8 @@ class RunLog(Callback):
     def before_epoch(self): self.t0,self.n_img,self.t_train,self.cancelled = time.perf_counter(),0,0.,False
     def after_cancel_epoch(self): self.cancelled = True
     def before_train(self): self.t1 = time.perf_counter()
-    def after_batch(self):
-        if self.training: self.n_img += find_bs(self.learn.yb)
+    def after_batch(self): # under DDP every process trains on a batch of this size: count the global batch
+        if self.training: self.n_img += find_bs(self.learn.yb) * max(1, num_distrib())
     def after_train(self):
         if torch.cuda.is_available(): torch.cuda.synchronize()
         self.t_train = time.perf_counter()-self.t1
@@ -155,26 +177,38 @@ class RunLog(Callback):
         if self.path is not None and rank_distrib()==0:
             with open(Path(self.path)/'epochs.jsonl', 'a') as f: f.write(json.dumps(e)+'\n')
 
-def find_bs(yb): return len(yb[0]) if isinstance(yb, (list,tuple)) else len(yb)
-
 def read_epochs(path, before:int=None) -> list:
     "Epoch records in `path/epochs.jsonl` (only those with epoch < `before`)"
     f = Path(path)/'epochs.jsonl'
     if not f.exists(): return []
-    es = [json.loads(l) for l in f.read_text().splitlines() if l.strip()]
+    es = []
+    for l in f.read_text().splitlines():
+        try: es.append(json.loads(l))
+        except json.JSONDecodeError: pass # a line cut short by a kill or a full disk
     return [e for e in es if before is None or e['epoch'] < before]
+
+def epochs_from_checkpoint(ckpt:dict) -> list:
+    "Epoch records rebuilt from a checkpoint's recorder history (metrics only: no timings)"
+    h = ckpt.get('recorder') or {}
+    names = [n for n in h.get('metric_names', []) if n not in ('epoch','time')]
+    return [dict(epoch=i, **dict(zip(names, [_num(v) for v in vs])), time_s=None, train_s=None, train_images=None, images_per_s=None)
+            for i,vs in enumerate(h.get('values', []))]
 
 # %% ../nbs/23_train.ipynb #d0f38b23
 def effective_precision(cfg, device) -> str:
     "The precision a run can use on `device` (mixed precision needs CUDA)"
     return cfg.precision if torch.device(device).type=='cuda' else 'fp32'
 
-def build_learner(cfg, dls, run_dir=None) -> Learner:
-    "The `Learner` of `cfg` on `dls`, checkpointing into `run_dir`"
+def run_meta(cfg, r:int=0) -> dict:
+    "What identifies run `r` of `cfg` in its checkpoints (compared on resume)"
+    return dict(recipe=cfg.name, arch=cfg.arch, opt=cfg.opt, epochs=cfg.epochs, seed=cfg.seed + r)
+
+def build_learner(cfg, dls, run_dir=None, meta:dict=None) -> Learner:
+    "The `Learner` of `cfg` on `dls`, checkpointing into `run_dir` (with `meta` in every checkpoint)"
     model = build_model(cfg, len(dls.vocab))
     loss = LabelSmoothingCrossEntropy(eps=cfg.ls) if cfg.ls else CrossEntropyLossFlat()
     cbs = [NonFiniteLossCallback(), RunLog(run_dir)]
-    if run_dir is not None: cbs.append(CheckpointCallback(run_dir))
+    if run_dir is not None: cbs.append(CheckpointCallback(run_dir, meta=meta))
     if cfg.mixup: cbs.append(MixUp(cfg.mixup))
     metrics = [accuracy] + ([top_k_accuracy] if len(dls.vocab) > 5 else []) # top-5 needs more than 5 classes
     learn = Learner(dls, model, opt_func=get_opt_func(cfg), loss_func=loss, metrics=metrics,
@@ -191,6 +225,196 @@ def fit(learn, cfg, start_epoch:int=0):
     if cfg.sched=='flat_cos': learn.fit_flat_cos(n, lr, wd=wd, pct_start=cfg.pct, start_epoch=start_epoch)
     elif cfg.sched=='one_cycle': learn.fit_one_cycle(n, lr, wd=wd, pct_start=cfg.pct, start_epoch=start_epoch)
     else: learn.fit(n, lr, wd=wd, start_epoch=start_epoch)
+
+# %% ../nbs/23_train.ipynb #16d32bf6
+def _pid_alive(pid:int) -> bool:
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except (PermissionError, OSError): return True
+    return True
+
+class FolderLock:
+    "Exclusive lock on a run folder (`DIR/.lock`, holding the owner's pid); released when the process ends"
+    def __init__(self, path): self.dir = Path(path); self.file,self.fd = self.dir/'.lock',None
+
+    def _owner(self) -> str:
+        try: return self.file.read_text().strip() or '?'
+        except OSError: return '?'
+
+    def _busy(self): return ValueError(f"{self.dir} is in use by another training process (pid {self._owner()}); "
+                                       "wait for it to finish, or choose another --out")
+
+    def acquire(self):
+        if fcntl is None: return self._acquire_excl()
+        fd = os.open(self.file, os.O_RDWR|os.O_CREAT, 0o666)
+        try: fcntl.flock(fd, fcntl.LOCK_EX|fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK): raise self._busy() from None
+            raise
+        os.ftruncate(fd, 0); os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def _acquire_excl(self):
+        for _ in range(2):
+            try: fd = os.open(self.file, os.O_RDWR|os.O_CREAT|os.O_EXCL, 0o666)
+            except FileExistsError:
+                pid = self._owner()
+                if pid.isdigit() and _pid_alive(int(pid)): raise self._busy() from None
+                self.file.unlink(missing_ok=True); continue # stale: its process is gone
+            os.write(fd, f"{os.getpid()}\n".encode()); self.fd = fd
+            return self
+        raise self._busy()
+
+    def release(self):
+        if self.fd is None: return
+        if fcntl is None: self.file.unlink(missing_ok=True)
+        os.close(self.fd); self.fd = None
+    def __enter__(self): return self.acquire()
+    def __exit__(self, *exc): self.release()
+
+def write_text_atomic(path, text:str):
+    "Write `text` to `path` through a temporary file and `os.replace`: never a partial file"
+    path = Path(path)
+    fd,tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    try:
+        with os.fdopen(fd, 'w') as f: f.write(text); f.flush(); os.fsync(f.fileno())
+        m = os.umask(0); os.umask(m); os.chmod(tmp, 0o666 & ~m)
+        os.replace(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"no space left on device while writing {path}") from None
+        raise
+
+def _read_json(f:Path):
+    "The content of JSON file `f`, or `None` if it is empty or corrupt"
+    try: return json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError): return None
+
+def run_started(out) -> bool:
+    "Whether folder `out` holds results or a checkpoint of some run (something `--resume` can continue or read back)"
+    out = Path(out)
+    return (out/'results.json').exists() or any(out.glob('run*/last.pth')) or any(out.glob('run*/result.json'))
+
+def check_new_out(out) -> str|None:
+    "Raise unless a new run may write to `out`; say why when it replaces a run that never completed an epoch"
+    out = Path(out)
+    if out.exists() and not out.is_dir(): raise ValueError(f"--out {out} is a file, not a folder")
+    f = out/'config.json'
+    if not f.exists(): return None
+    cfg = _read_json(f)
+    if run_started(out):
+        if cfg is None: raise ValueError(f"{f} is empty or corrupt, yet {out} holds checkpoints or results: choose another --out")
+        raise ValueError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
+    what = "an empty or corrupt config.json" if cfg is None else "a run that stopped before completing an epoch"
+    return f"{out} holds {what}; starting a new run there"
+
+# %% ../nbs/23_train.ipynb #4676c4d7
+def _dist():
+    d = torch.distributed
+    return d if d.is_available() and d.is_initialized() else None
+
+def local_device(device=None) -> str:
+    "The device of this process: `device`, or under several processes the GPU of `LOCAL_RANK`"
+    if num_distrib() > 1 and (device is None or torch.device(device).type == 'cuda') and torch.cuda.is_available():
+        lr,ng = int(os.environ.get('LOCAL_RANK', 0)),torch.cuda.device_count()
+        if lr >= ng: raise ValueError(f"process LOCAL_RANK={lr} has no GPU of its own: this machine has {ng}; start at most {ng} "
+                                      "process(es) per machine, or train on the CPU with --device cpu")
+        return f"cuda:{lr}"
+    if device: return device
+    return 'cuda' if torch.cuda.is_available() else 'cpu'
+
+def setup_processes(device) -> int:
+    "Join the process group a launcher (torchrun, `accelerate launch`) prepared; returns the number of processes"
+    n = max(1, num_distrib())
+    if n == 1 or _dist(): return n
+    if torch.device(device).type == 'cuda':
+        torch.cuda.set_device(torch.device(device))
+        torch.distributed.init_process_group('nccl')
+    else: torch.distributed.init_process_group('gloo')
+    return n
+
+def on_rank0(f, *args, **kwargs):
+    "Run `f` on rank 0 only and share its result, or its error, with every rank"
+    res,err = None,None
+    if rank_distrib() == 0:
+        try: res = f(*args, **kwargs)
+        except Exception as e: err = e
+    d = _dist()
+    if d is not None:
+        box = [(res, err)]
+        d.broadcast_object_list(box, 0)
+        res,err = box[0]
+    if err is not None: raise err
+    return res
+
+def _gloo_broadcast(self, t, rank):
+    "fastai's `DistributedDL._broadcast` moves the indices to CUDA for NCCL; gloo needs them on the CPU"
+    if torch.distributed.get_backend() != 'gloo': return self._nccl_broadcast(t, rank)
+    t = torch.tensor(t, dtype=torch.long)
+    torch.distributed.broadcast(t, rank)
+    return t.tolist()
+
+def ddp_ctx(learn, device):
+    "fastai's `distrib_ctx` for `learn`, working on CPU (gloo) as well as on GPUs (NCCL)"
+    from fastai.distributed import DistributedDL
+    if DistributedDL._broadcast is not _gloo_broadcast:
+        DistributedDL._nccl_broadcast,DistributedDL._broadcast = DistributedDL._broadcast,_gloo_broadcast
+    cpu = torch.device(device).type == 'cpu'
+    return learn.distrib_ctx(sync_bn=not cpu, cpu=cpu)
+
+def _tensors(o, pre=''):
+    if isinstance(o, torch.Tensor): yield pre, o
+    elif isinstance(o, dict):
+        for k in sorted(o, key=str): yield from _tensors(o[k], f"{pre}/{k}")
+    elif isinstance(o, (list, tuple)):
+        for i,v in enumerate(o): yield from _tensors(v, f"{pre}/{i}")
+
+def state_digest(model_sd:dict, opt_sd:dict=None) -> str:
+    "SHA-256 of every tensor (names, dtypes, shapes, bytes) of a model and optimizer `state_dict`"
+    h = hashlib.sha256()
+    for k,t in _tensors(dict(model=model_sd, opt=opt_sd)):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b'')
+    return h.hexdigest()
+
+def replica_digests(learn) -> list:
+    "Every rank's `state_digest` of `learn` (a collective under DDP)"
+    m = getattr(learn.model, 'module', learn.model)
+    dg = state_digest(m.state_dict(), learn.opt.state_dict() if learn.opt is not None else None)
+    d = _dist()
+    if d is None: return [dg]
+    out = [None]*d.get_world_size()
+    d.all_gather_object(out, dg)
+    return out
+
+def _asked_processes() -> int|None:
+    "How many processes `accelerate launch` was asked for (its command line, else its config file), if known"
+    try: args = Path(f'/proc/{os.getppid()}/cmdline').read_bytes().decode(errors='replace').split('\0')
+    except OSError: args = []
+    for i,a in enumerate(args):
+        for flag in ('--num_processes', '--num-processes'):
+            if a == flag and i+1 < len(args) and args[i+1].isdigit(): return int(args[i+1])
+            if a.startswith(flag+'='): return int(a.split('=', 1)[1]) if a.split('=', 1)[1].isdigit() else None
+    try:
+        from accelerate.commands.config import default_config_file
+        import yaml
+        if Path(default_config_file).exists(): return int(yaml.safe_load(Path(default_config_file).read_text()).get('num_processes', 1))
+    except Exception: pass
+    return None
+
+def launcher_mismatch() -> str|None:
+    "Why this process is alone although its launcher was asked for several (`accelerate launch` without GPUs), or `None`"
+    if num_distrib() > 1 or not any(k.startswith('ACCELERATE_') for k in os.environ): return None
+    n = _asked_processes()
+    if not n or n <= 1: return None
+    return (f"accelerate launch was asked for {n} processes but started only this one (without GPUs it ignores "
+            f"--num_processes unless --multi_gpu is given), so the run would train with 1/{n} of the global batch. "
+            f"Use `accelerate launch --multi_gpu --num_processes {n} -m fastai_ranger.train ... --device cpu` or "
+            f"`torchrun --nproc_per_node {n} -m fastai_ranger.train ...`, or drop --num_processes for one process")
 
 # %% ../nbs/23_train.ipynb #bd078c83
 def versions() -> dict:
@@ -212,40 +436,68 @@ def _summ(xs):
     if not xs: return None, None
     return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs)>1 else 0.
 
+def _done_epochs(run_dir, ckpt, start:int) -> list:
+    "Records of the first `start` epochs: `epochs.jsonl`, its gaps filled from the checkpoint's history"
+    es = {e['epoch']:e for e in read_epochs(run_dir, before=start)}
+    if ckpt is not None:
+        for e in epochs_from_checkpoint(ckpt)[:start]: es.setdefault(e['epoch'], e)
+    return [es[i] for i in sorted(es)]
+
 def train_run(cfg, dls, r:int, out, resume:bool=False, quiet:bool=False) -> dict:
-    "Train (or resume, or read back) run `r` of `cfg` into `out/run{r}`; return its result"
-    run_dir = Path(out)/f'run{r}'
-    if resume and (run_dir/'result.json').exists(): return json.loads((run_dir/'result.json').read_text())
-    run_dir.mkdir(parents=True, exist_ok=True)
+    "Train (or resume, finish, or read back) run `r` of `cfg` into `out/run{r}`; return its result"
+    run_dir,rank0 = Path(out)/f'run{r}',rank_distrib()==0
+    if resume and (run_dir/'result.json').exists():
+        res = _read_json(run_dir/'result.json')
+        if res is not None: return res
+    if rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_tmp(run_dir/'last.pth') # left by a kill during a checkpoint write
     seed = cfg.seed + r
     seed_all(seed, dls, reproducible=cfg.deterministic)  # also re-seeds each DataLoader's own shuffling rng
-    learn = build_learner(cfg, dls, run_dir)
-    start = 0
+    meta = run_meta(cfg, r)
+    learn = build_learner(cfg, dls, run_dir, meta=meta)
+    start,ckpt,n = 0,None,max(1, num_distrib())
     if resume and (run_dir/'last.pth').exists():
-        try: start = load_checkpoint(learn, run_dir)
-        except RuntimeError as e: raise ValueError(f"Cannot resume from {run_dir/'last.pth'}: {e}") from None
-        print(f"run {r}: resuming from the checkpoint after epoch {start} of {cfg.epochs}")
+        try: start = load_checkpoint(learn, run_dir, expect=meta, complete_state=True)
+        except CheckpointError as e: raise CheckpointError(f"Cannot resume from {run_dir/'last.pth'}: {e}") from None
+        ckpt = first(learn.cbs, risinstance(ResumeCallback)).ckpt
+        if rank0:
+            if ckpt.get('world_size', 1) != n:
+                warnings.warn(f"run {r}'s checkpoint was written by {ckpt.get('world_size', 1)} process(es), this resume runs {n}: "
+                              f"the global batch changes from {ckpt.get('world_size', 1)}x{cfg.bs} to {n}x{cfg.bs} images, "
+                              "so the rest of the run differs from the original")
+            print(f"run {r}: resuming from the checkpoint after epoch {start} of {cfg.epochs}"
+                  + (" (all epochs done: writing the results)" if start == cfg.epochs else ''))
     log = first(learn.cbs, risinstance(RunLog))
-    log.epochs = read_epochs(run_dir, before=start)
-    if rank_distrib()==0:
-        f = run_dir/'epochs.jsonl'
-        f.write_text(''.join(json.dumps(e)+'\n' for e in log.epochs))
+    log.epochs = _done_epochs(run_dir, ckpt, start)
+    if rank0: write_text_atomic(run_dir/'epochs.jsonl', ''.join(json.dumps(e)+'\n' for e in log.epochs))
     t0 = time.perf_counter()
     if start < cfg.epochs:
-        ctx = learn.distrib_ctx() if num_distrib()>1 else nullcontext()
+        ctx = ddp_ctx(learn, cfg.device) if n > 1 else nullcontext()
         with ctx, (learn.no_bar() if quiet else nullcontext()), (learn.no_logging() if quiet else nullcontext()):
             fit(learn, cfg, start)
-    wall = time.perf_counter()-t0 + sum(e['time_s'] for e in log.epochs[:start])
+        losses,lrs = learn.recorder.losses,learn.recorder.lrs
+    else: # the final checkpoint was written, the results were not: finish from the checkpoint's history
+        h = ckpt.get('recorder') or {}
+        losses,lrs = h.get('losses', []),h.get('lrs', [])
     es = log.epochs
+    empty = [e['epoch'] for e in es if e.get('train_images') == 0]
+    if empty: raise ValueError(f"run {r}: epoch(s) {empty} trained on 0 images (is --bs {cfg.bs} larger than the training set?); "
+                               "no result is reported")
+    wall = time.perf_counter()-t0 + sum(e['time_s'] or 0 for e in es[:start])
     last = es[-1] if es else {}
-    n_img,t_tr = sum(e['train_images'] for e in es), sum(e['train_s'] for e in es)
+    n_img,t_tr = sum(e['train_images'] or 0 for e in es), sum(e['train_s'] or 0 for e in es)
     res = dict(run=r, seed=seed, accuracy=None if last.get('accuracy') is None else 100*last['accuracy'],
                top5_accuracy=None if last.get('top_k_accuracy') is None else 100*last['top_k_accuracy'],
                valid_loss=last.get('valid_loss'), train_loss=last.get('train_loss'), epochs_done=len(es), wall_s=wall,
                train_s=t_tr, images_per_s=n_img/t_tr if t_tr else None, resumed_from=start or None,
                precision=effective_precision(cfg, dls.device), epochs=es,
-               losses=[_num(o) for o in learn.recorder.losses], lrs=[float(o) for o in learn.recorder.lrs])
-    if rank_distrib()==0: (run_dir/'result.json').write_text(json.dumps(res))
+               losses=[_num(o) for o in losses], lrs=[float(o) for o in lrs])
+    if n > 1:
+        dg = replica_digests(learn)
+        res['replicas'] = dict(processes=n, identical=len(set(dg)) == 1, digests=dg)
+        if rank0 and len(set(dg)) > 1: warnings.warn(f"run {r}: the {n} replicas ended with different weights or optimizer state")
+    if rank0: write_text_atomic(run_dir/'result.json', json.dumps(res))
     return res
 
 # %% ../nbs/23_train.ipynb #45d0cd0e
@@ -304,9 +556,54 @@ def write_results(cfg, source:dict, runs:list, out, total_wall:float) -> dict:
     return res
 
 # %% ../nbs/23_train.ipynb #0d6963b2
-def _default_device(device):
-    if device: return device
-    return f'cuda:{rank_distrib()}' if torch.cuda.is_available() else 'cpu'
+_LAST_OUT = {} # the folder of the current run, for the resume hint after Ctrl-C
+RESUME_FLAGS = ('skip_bad','workers','device') # what `--resume` may change: how the run is executed, not the recipe
+_FLAGS = dict(ls='--label-smoothing', precision='--fp16/--bf16/--fp32')
+def _flag(k:str) -> str: return _FLAGS.get(k, '--'+k.replace('_','-'))
+
+def _resume_config(rdir:Path, out, given:dict) -> AttrDict:
+    "The saved configuration of the run in `rdir`, updated with the settings in `given` that `--resume` accepts"
+    f = rdir/'config.json'
+    if rdir.exists() and not rdir.is_dir(): raise ValueError(f"--resume {rdir} is a file, not a run folder")
+    if not f.exists(): raise FileNotFoundError(f"Nothing to resume in {rdir}: it has no config.json (the --out folder of a run)")
+    saved = _read_json(f)
+    if not isinstance(saved, dict):
+        raise ValueError(f"{f} is empty or corrupt, so the run's settings are lost; " +
+                         ("choose another --out for a new run" if run_started(rdir) else
+                          f"no epoch was completed: start the run again with --out {rdir}"))
+    if out is not None and Path(out).resolve() != rdir.resolve(): raise ValueError(f"--resume {rdir} continues in that folder; --out {out} differs")
+    bad = sorted(_flag(k) for k,v in given.items() if v is not None and k not in RESUME_FLAGS)
+    if bad: raise ValueError(f"--resume continues {rdir} with its saved settings; it accepts --skip-bad, --workers, --device "
+                             f"and --quiet, not {', '.join(bad)} (start a new run with --out to change them)")
+    cfg = AttrDict(saved); cfg.pop('source', None)
+    cfg.update({k:v for k,v in given.items() if v is not None})
+    return cfg
+
+def _check_batches(cfg, dls, n:int):
+    "Refuse a batch size that leaves no full training batch (fastai drops the last incomplete one)"
+    nt = len(dls.train_ds); per = nt//n
+    if per >= cfg.bs: return
+    raise ValueError(f"Batch size {cfg.bs} is larger than the {nt} training images" + (f" ({per} per process with {n} processes)" if n > 1 else '')
+                     + f": fastai drops the last incomplete batch, so nothing would be trained; use --bs {max(per, 1)} or less")
+
+def _rank0_first(f):
+    "`f()` on rank 0, then (if it worked) on the other ranks: downloads and generated data are written once"
+    res = on_rank0(f)
+    return f() if rank_distrib() else res
+
+def _claim(out:Path, cfg, dls, resume:bool, lock:list):
+    "Rank 0: lock `out` and write `config.json` (a new run, or a resume that changed how it runs)"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock.append(FolderLock(out).acquire())
+    except OSError as e: raise ValueError(f"cannot write to --out {out}: {e.strerror or e}") from None
+    if not resume:
+        note = check_new_out(out) # again, now that we hold the lock
+        if note: warnings.warn(note)
+    saved = _read_json(out/'config.json') if resume else None
+    new = json.loads(json.dumps(dict(cfg, source=dls.source), default=str))
+    if not resume or {k:v for k,v in saved.items() if k!='source'} != {k:v for k,v in new.items() if k!='source'}:
+        write_text_atomic(out/'config.json', json.dumps(new, indent=1))
 
 def train(recipe:str=None, # Recipe name (see `RECIPES`)
           dataset:str=None, size:int=None, epochs:int=None, # Or a cell: dataset, image size, epochs
@@ -315,46 +612,50 @@ def train(recipe:str=None, # Recipe name (see `RECIPES`)
           quiet:bool=False, # No progress bars (the results are still printed)
           **overrides # Any recipe field (lr, wd, bs, opt, arch, ...) or run setting (runs, seed, workers, data, ...)
          ) -> dict:
-    "Train a recipe `runs` times; write config, checkpoints, results and plots to `out`; return the results"
+    "Train a recipe `runs` times; write config, checkpoints, results and plots to `out`; return the results (`{}` on ranks > 0)"
+    msg = launcher_mismatch()
+    if msg: raise ValueError(msg)
     if resume is not None:
-        rdir = Path(resume)
-        if not (rdir/'config.json').exists(): raise FileNotFoundError(f"Nothing to resume in {rdir}: it has no config.json (the --out folder of a run)")
-        cfg = AttrDict(json.loads((rdir/'config.json').read_text())); cfg.pop('source', None)
-        out = rdir if out is None else Path(out)
-        if out.resolve()!=rdir.resolve(): raise ValueError(f"--resume {rdir} continues in that folder; --out {out} differs")
-        ignored = {k:v for k,v in merge(dict(recipe=recipe, dataset=dataset, size=size, epochs=epochs), overrides).items() if v is not None}
-        if ignored: warnings.warn(f"--resume uses the saved configuration; ignoring {sorted(ignored)}")
-    else:
-        cfg = check_config(make_config(recipe, dataset, size, epochs, **overrides))
-        out = Path(ifnone(out, f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"))
-        if (out/'config.json').exists():
-            raise ValueError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
-    cfg.device = _default_device(cfg.device)
+        cfg = _resume_config(Path(resume), out, merge(dict(recipe=recipe, dataset=dataset, size=size, epochs=epochs), overrides))
+        out = Path(resume)
+        check_config(cfg)
+    else: cfg = check_config(make_config(recipe, dataset, size, epochs, **overrides))
+    cfg.device = local_device(cfg.device)
+    n = setup_processes(cfg.device)
+    rank0 = rank_distrib()==0
+    if resume is None:
+        out = Path(on_rank0(lambda: str(ifnone(out, f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"))))
+        on_rank0(check_new_out, out) # fail fast, before reading the data
+    _LAST_OUT['out'] = out
     bs = cfg.bs
-    dls = get_dls(cfg.size, bs=bs, data=cfg.data, dataset=cfg.dataset, workers=cfg.workers, normalize=cfg.normalize,
+    dls = _rank0_first(lambda: get_dls(cfg.size, bs=bs, data=cfg.data, dataset=cfg.dataset, workers=cfg.workers, normalize=cfg.normalize,
                   resize=cfg.resize, copy=cfg.data_copy if cfg.data is None else None, skip_bad=cfg.skip_bad,
                   check_images=cfg.check_images, seed=cfg.seed, device=cfg.device,
                   max_train=None if cfg.max_train_batches is None else cfg.max_train_batches*bs,
-                  max_valid=None if cfg.max_valid_batches is None else cfg.max_valid_batches*bs)
-    if rank_distrib()==0:
-        out.mkdir(parents=True, exist_ok=True)
-        if resume is None: (out/'config.json').write_text(json.dumps(dict(cfg, source=dls.source), indent=1, default=str))
-    if rank_distrib()==0:
-        print(f"recipe {cfg.name}: {cfg.arch} {cfg.opt} lr {cfg.lr} wd {cfg.wd} bs {cfg.bs} {cfg.sched}({cfg.pct}) "
-              f"{cfg.epochs} epochs at {cfg.size}px, precision {effective_precision(cfg, dls.device)}, device {cfg.device}")
-        print(f"data: {dls.source['kind']} {dls.source['path']} (copy {dls.source['copy']}; {len(dls.train_ds)} train / {len(dls.valid_ds)} valid images)"
-              + (f"; note: {dls.source['note']}" if 'note' in dls.source else ''))
-    t0,runs = time.perf_counter(),[]
-    for r in range(cfg.runs):
-        runs.append(train_run(cfg, dls, r, out, resume=resume is not None, quiet=quiet))
-        if rank_distrib()==0 and runs[-1]['accuracy'] is not None:
-            print(f"run {r}: accuracy {runs[-1]['accuracy']:.2f} %  ({runs[-1]['wall_s']:.1f} s, {runs[-1]['images_per_s'] or 0:.0f} img/s)")
-    if rank_distrib()!=0: return {}
-    res = write_results(cfg, dls.source, runs, out, time.perf_counter()-t0)
-    with pd.option_context('display.width', 200):
-        print(pd.read_csv(out/'results.csv')[RESULT_COLS].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    print(summary_text(cfg, res['summary'])); print(f"results: {out}")
-    return res
+                  max_valid=None if cfg.max_valid_batches is None else cfg.max_valid_batches*bs))
+    _check_batches(cfg, dls, n)
+    lock = []
+    try:
+        on_rank0(_claim, out, cfg, dls, resume is not None, lock)
+        if rank0:
+            print(f"recipe {cfg.name}: {cfg.arch} {cfg.opt} lr {cfg.lr} wd {cfg.wd} bs {cfg.bs} {cfg.sched}({cfg.pct}) "
+                  f"{cfg.epochs} epochs at {cfg.size}px, precision {effective_precision(cfg, dls.device)}, device {cfg.device}"
+                  + (f", {n} processes (global batch {n*cfg.bs})" if n > 1 else ''))
+            print(f"data: {dls.source['kind']} {dls.source['path']} (copy {dls.source['copy']}; {len(dls.train_ds)} train / {len(dls.valid_ds)} valid images)"
+                  + (f"; note: {dls.source['note']}" if 'note' in dls.source else ''))
+        t0,runs = time.perf_counter(),[]
+        for r in range(cfg.runs):
+            runs.append(train_run(cfg, dls, r, out, resume=resume is not None, quiet=quiet))
+            if rank0 and runs[-1]['accuracy'] is not None:
+                print(f"run {r}: accuracy {runs[-1]['accuracy']:.2f} %  ({runs[-1]['wall_s']:.1f} s, {runs[-1]['images_per_s'] or 0:.0f} img/s)")
+        if not rank0: return {}
+        res = write_results(cfg, dls.source, runs, out, time.perf_counter()-t0)
+        with pd.option_context('display.width', 200):
+            print(pd.read_csv(out/'results.csv')[RESULT_COLS].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        print(summary_text(cfg, res['summary'])); print(f"results: {out}")
+        return res
+    finally:
+        for l in lock: l.release()
 
 # %% ../nbs/23_train.ipynb #08a0f997
 def _clean_msg(e:BaseException) -> str:
@@ -362,9 +663,10 @@ def _clean_msg(e:BaseException) -> str:
     msg = str(e).strip()
     if 'Original Traceback' in msg: msg = msg.strip().splitlines()[-1].split(': ', 1)[-1]
     if msg.startswith('Exception occured in') and '\n\t' in msg: msg = msg.split('\n\t', 1)[1] # fastai's callback wrapper
+    if isinstance(e, OSError) and e.strerror: msg = e.strerror + (f": {e.filename}" if e.filename else '')
     return f"{type(e).__name__}: {msg}"
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError)
+USER_ERRORS = (ValueError, OSError, FloatingPointError) # incl. FileNotFoundError, DataError, RecipeError, CheckpointError
 
 def print_list():
     "Print the recipe registry"
@@ -390,7 +692,7 @@ def main(recipe:str=None, # Recipe name (--list shows them)
          opt:str=None, # ranger, ranger_lars, adan, adam or fastai_ranger
          mom:float=None, # beta1
          sqr_mom:float=None, # beta2
-         beta3:float=None, # Adan's beta3
+         diff_mom:float=None, # Adan's beta2: decay of the gradient-difference average
          eps:float=None, # Optimizer epsilon
          k:int=None, # Lookahead steps
          alpha:float=None, # Lookahead alpha
@@ -424,23 +726,30 @@ def main(recipe:str=None, # Recipe name (--list shows them)
         ):
     "Train an ImageNette/ImageWoof leaderboard recipe with Ranger, RangerLARS or Adan and report mean ± sd against the record"
     if list: return print_list()
+    rank = rank_distrib()
+    if rank: warnings.simplefilter('ignore') # with several processes only rank 0 speaks
     precs = [p for p,f in (('fp16',fp16),('bf16',bf16),('fp32',fp32)) if f]
     try:
         if len(precs)>1: raise ValueError(f"Choose one of --fp16, --bf16, --fp32 (got {', '.join('--'+p for p in precs)})")
         if recipe is None and dataset is None and size is None and epochs is None and resume is None:
             raise ValueError("Nothing to train: pass --recipe NAME (see --list), --dataset/--size/--epochs, or --resume DIR")
-        kw = dict(data=data, lr=lr, wd=wd, bs=bs, opt=opt, mom=mom, sqr_mom=sqr_mom, beta3=beta3, eps=eps, k=k, alpha=alpha,
+        kw = dict(data=data, lr=lr, wd=wd, bs=bs, opt=opt, mom=mom, sqr_mom=sqr_mom, diff_mom=diff_mom, eps=eps, k=k, alpha=alpha,
                   sched=sched, pct=pct, arch=arch, sa=sa, sym=sym, blurpool=blurpool, pool=pool, act=act, ls=label_smoothing,
                   mixup=mixup, resize=resize, normalize=normalize, data_copy=data_copy, precision=first(precs))
         kw = {k_:v for k_,v in kw.items() if v is not None}
-        if resume is None:
-            kw.update(runs=runs, seed=seed, workers=workers, device=device, channels_last=channels_last, deterministic=deterministic,
-                      skip_bad=skip_bad, check_images=check_images, max_train_batches=max_train_batches, max_valid_batches=max_valid_batches,
-                      nonfinite=nonfinite)
+        run = dict(runs=runs, seed=seed, workers=workers, device=device, channels_last=channels_last, deterministic=deterministic,
+                   skip_bad=skip_bad, check_images=check_images, max_train_batches=max_train_batches, max_valid_batches=max_valid_batches,
+                   nonfinite=nonfinite)
+        # a resume gets only the flags that were given (not their defaults): it accepts some and names the others
+        kw.update(run if resume is None else {k_:v for k_,v in run.items() if v != RUN_DEFAULTS[k_]})
         train(recipe, dataset, size, epochs, out=out, resume=resume, quiet=quiet, **kw)
     except KeyboardInterrupt:
-        print(f"\nInterrupted. Continue with: fastai-ranger-train --resume {out or resume or '<the --out folder>'}", file=sys.stderr)
+        where = resume or out or _LAST_OUT.get('out') or '<the --out folder>'
+        if rank == 0: print(f"\nInterrupted. Continue with: fastai-ranger-train --resume {where}", file=sys.stderr)
         raise SystemExit(130) from None
     except USER_ERRORS as e:
         if os.environ.get('FASTAI_RANGER_DEBUG'): raise
+        if rank: raise SystemExit(1) from None
         raise CliError(f"error: {_clean_msg(e)}") from None
+    finally:
+        if _dist() is not None: torch.distributed.destroy_process_group()

@@ -83,13 +83,16 @@ CASES = {
     'prec':    ['--recipe','sample-quick','--fp16','--bf16'],
     'nothing': [],
     'nonfinite': ['--recipe','sample-quick','--opt','adam','--nonfinite','skip'],
+    'device':  ['--recipe','sample-quick','--device','foo'],
+    'gpu':     ['--recipe','sample-quick','--device','cuda:99'],
+    'workers': ['--recipe','sample-quick','--workers','-1'],
 }
 
 @pytest.fixture(scope='module')
 def quick(tmp):
     "Run the short CLI cases concurrently (their cost is Python start-up); {case: CompletedProcess-like (rc, stdout, stderr)}"
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
-    ps = {k:subprocess.Popen([sys.executable,'-m','fastai_ranger.train',*a,'--device','cpu'], env=env, text=True,
+    ps = {k:subprocess.Popen([sys.executable,'-m','fastai_ranger.train','--device','cpu',*a], env=env, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for k,a in CASES.items()}
     res = {}
     try:
@@ -107,7 +110,8 @@ def test_list(quick):
     assert '87.43' in out and '88.58' in out
 
 @pytest.mark.parametrize('case,msg', [('recipe','did you mean imagenette-128-5'), ('prec','Choose one of'), ('nothing','Nothing to train'),
-                                      ('nonfinite','has no non-finite gradient policy')])
+                                      ('nonfinite','has no non-finite gradient policy'), ('device',"Invalid device: 'foo'"),
+                                      ('gpu',"Invalid device: 'cuda:99'"), ('workers','Invalid workers: -1')])
 def test_bad_input(quick, case, msg):
     rc,out,err = quick[case]
     assert rc == 1, (rc, out[-2000:], err[-2000:])

@@ -130,14 +130,14 @@ def test_kill_and_resume_script(opt, tmp_path):
 
 
 def test_kill_during_save_keeps_previous(tmp_path):
-    "A process killed while `atomic_save` is writing leaves the previous checkpoint readable"
+    "A process killed while `atomic_torch_save` is writing leaves the previous checkpoint readable"
     code = textwrap.dedent(f'''
         import os, signal, torch
-        from fastai_ranger.checkpoint import atomic_save
-        atomic_save({{'epoch': 1, 'w': torch.ones(3)}}, {str(tmp_path/'last.pth')!r})
+        from fastai_ranger.checkpoint import atomic_torch_save
+        atomic_torch_save({{'epoch': 1, 'w': torch.ones(3)}}, {str(tmp_path/'last.pth')!r})
         class Kill:
             def __reduce__(self): os.kill(os.getpid(), signal.SIGKILL)
-        atomic_save({{'epoch': 2, 'w': torch.zeros(1_000_000), 'k': Kill()}}, {str(tmp_path/'last.pth')!r})
+        atomic_torch_save({{'epoch': 2, 'w': torch.zeros(1_000_000), 'k': Kill()}}, {str(tmp_path/'last.pth')!r})
     ''')
     r = subprocess.run([sys.executable, '-c', code], env=_env(), capture_output=True, text=True, timeout=60)
     assert r.returncode == -signal.SIGKILL, r.stderr
