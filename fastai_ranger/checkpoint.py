@@ -6,7 +6,7 @@ Docs: https://fastai-ranger.github.io/fastai-ranger/checkpoint.html.md"""
 
 # %% ../nbs/22_checkpoint.ipynb #1ecebdca
 from __future__ import annotations
-import os, random, tempfile, warnings, pickle, errno
+import os, random, tempfile, warnings, pickle, errno, zipfile
 from pathlib import Path
 import numpy as np, torch
 from torch import Tensor
@@ -270,10 +270,13 @@ class CheckpointError(RuntimeError, ValueError):
     "A checkpoint that can't be read, or that does not belong to the learner or run it is loaded into"
 
 def _torch_load(f, trusted:bool):
+    if not trusted and not zipfile.is_zipfile(f): # `torch.save` writes a zip archive; anything else is not ours
+        raise CheckpointError(f"{f} is not a readable checkpoint (truncated or corrupt: not a complete `torch.save` archive)")
     try: return torch.load(f, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         if not trusted:
-            raise CheckpointError(f"{f} holds objects that `torch.load(weights_only=True)` refuses ({e}). "
+            why = (str(e).strip().splitlines() or [''])[0]
+            raise CheckpointError(f"{f} holds objects that `torch.load(weights_only=True)` refuses ({why}). "
                                   "It was not written by CheckpointCallback; pass trusted=True only if you trust its source") from e
         return torch.load(f, map_location='cpu', weights_only=False)
 

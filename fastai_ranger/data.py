@@ -11,7 +11,9 @@ import numpy as np
 import pandas as pd
 from pathlib import Path
 from PIL import Image, ImageDraw
+import torch
 from torch import Tensor
+from fastai.torch_core import default_device
 from fastcore.basics import *
 from fastcore.parallel import parallel
 from fastai.vision.all import (DataBlock, ImageBlock, CategoryBlock, ColReader, ColSplitter, RandomResizedCrop, Resize,
@@ -268,6 +270,7 @@ def get_dls(size:int=128, # Training image side, px
             max_valid:int=None, # Keep a random subset of this many validation images
             seed:int=0, # Seed for the subsets
             device=None, # Device of the batches (default: cuda if available)
+            pin_memory:bool=None, # Page-locked batches for faster host-to-GPU copies (default: on for a CUDA device)
            ):
     "ImageNette/ImageWoof `DataLoaders` in the leaderboard recipe's form; `dls.source` describes the data used"
     if size < 8: raise DataError(f"Invalid size: {size} (expected >= 8 px)")
@@ -295,8 +298,10 @@ def get_dls(size:int=128, # Training image side, px
     dblock = DataBlock(blocks=(ImageBlock(SafePILImage), CategoryBlock(vocab=vocab)), splitter=ColSplitter('is_valid'),
                        get_x=ColReader('path', pref=path), get_y=ColReader('label'), item_tfms=item_tfms, batch_tfms=batch_tfms)
     workers = ifnone(workers, min(8, num_cpus()))
-    dls = dblock.dataloaders(df, path=path, bs=bs, num_workers=workers, device=device)
-    src.update(train_tfm=f"Resize({size})+flip" if resize else f"RandomResizedCrop({size}, min_scale={min_scale})+flip",
+    dev = torch.device(ifnone(device, default_device()))
+    pin = ifnone(pin_memory, dev.type == 'cuda')
+    dls = dblock.dataloaders(df, path=path, bs=bs, num_workers=workers, device=dev, pin_memory=pin)
+    src.update(pin_memory=pin, train_tfm=f"Resize({size})+flip" if resize else f"RandomResizedCrop({size}, min_scale={min_scale})+flip",
                valid_tfm=f"centre crop {size}" if resize else f"squish to {val_size(size)} then centre crop {size}",
                normalize=bool(normalize))
     dls.source = src

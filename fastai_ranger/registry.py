@@ -12,7 +12,8 @@ import importlib, inspect
 from dataclasses import dataclass, field
 from functools import partial
 from fastcore.basics import *
-from .core import check_hyper
+from .core import check_hyper, check_beta, check_eps
+from .lookahead import check_k, check_alpha
 
 # %% auto #0
 __all__ = ['HYPERS', 'OPTS', 'SCHEDS', 'Hyper', 'OptSpec', 'get_spec', 'get_opt_func', 'check_sched', 'fit_sched']
@@ -23,15 +24,17 @@ class Hyper:
     "An optimizer hyperparameter that configs and the CLI can set"
     type:type # Python type of the value (the CLI parses to it)
     help:str # One line for `--help`
+    check:callable=None # `check(value, name)` raises a `ValueError` naming a bad value
 
 HYPERS = dict(
-    mom=Hyper(float, "beta1: decay of the gradient average (fastai's `mom`)"),
-    sqr_mom=Hyper(float, "Decay of the squared-gradient average (fastai's `sqr_mom`; Adan's beta3)"),
-    diff_mom=Hyper(float, "Adan only: decay of the gradient-difference average (its beta2)"),
-    eps=Hyper(float, "Denominator epsilon"),
-    k=Hyper(int, "Lookahead: sync the slow weights every k steps"),
-    alpha=Hyper(float, "Lookahead: slow-weight step size"),
-    nonfinite=Hyper(str, "Policy for inf/NaN gradients: skip (the step) or raise"),
+    mom=Hyper(float, "beta1: decay of the gradient average (fastai's `mom`)", check_beta),
+    sqr_mom=Hyper(float, "Decay of the squared-gradient average (fastai's `sqr_mom`; Adan's beta3)", check_beta),
+    diff_mom=Hyper(float, "Adan only: decay of the gradient-difference average (its beta2)", check_beta),
+    eps=Hyper(float, "Denominator epsilon", check_eps),
+    k=Hyper(int, "Lookahead: sync the slow weights every k steps", check_k),
+    alpha=Hyper(float, "Lookahead: slow-weight step size", check_alpha),
+    nonfinite=Hyper(str, "Policy for inf/NaN gradients: skip (the step) or raise",
+                    lambda v,n: check_hyper(n, v, v in ('skip','raise'), "'skip' or 'raise'")),
 )
 
 # %% ../nbs/07_registry.ipynb #f4b61ca2

@@ -6,20 +6,24 @@ Docs: https://fastai-ranger.github.io/fastai-ranger/train.html.md"""
 
 # %% ../nbs/23_train.ipynb #a376b9ef
 from __future__ import annotations
-import errno, hashlib, json, math, os, platform, sys, tempfile, time, warnings, inspect
+import errno, hashlib, json, math, os, sys, tempfile, time, warnings
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from torch import nn
 from fastcore.basics import *
-from fastcore.script import call_parse, bool_arg, CliError
+from fastcore.script import anno_parser, bool_arg, CliError
+from fastcore.imports import IN_NOTEBOOK
 import fastai
-from fastai.vision.all import (Learner, Callback, CancelEpochException, accuracy, top_k_accuracy, LabelSmoothingCrossEntropy,
+from fastai.vision.all import (Learner, Callback, CancelEpochException, CancelFitException, accuracy, top_k_accuracy, LabelSmoothingCrossEntropy,
                                CrossEntropyLossFlat, MixUp, set_seed, Mish, MaxPool, AvgPool, rank_distrib, num_distrib)
 from fastai.torch_core import find_bs
 from fastai.callback.channelslast import *
-from .core import check_lr, check_wd, check_eps, check_beta, check_hyper
+from .core import check_lr, check_wd, check_eps, check_hyper
+from . import registry
+from .registry import OPTS, HYPERS, SCHEDS, get_spec, check_sched, fit_sched
+from .results import versions, hardware, md_table, plot_accuracy
 from .data import get_dls, DataError
 from .recipes import RECIPES, get_recipe, find_recipe, recipes_table, BASES, RecipeError
 from .checkpoint import (seed_all, CheckpointCallback, load_checkpoint, read_checkpoint, CheckpointError, ResumeCallback, remove_stale_tmp,
@@ -28,56 +32,35 @@ try: import fcntl
 except ImportError: fcntl = None # Windows: the folder lock falls back to an exclusive-create lock file
 
 # %% auto #0
-__all__ = ['OPTIMIZERS', 'SCHEDULES', 'PRECISIONS', 'ACTS', 'OPT_HYPERS', 'RUN_DEFAULTS', 'RESULT_COLS', 'RESUME_FLAGS',
-           'USER_ERRORS', 'get_opt_func', 'build_model', 'make_config', 'check_device', 'check_config', 'RunLog',
-           'read_epochs', 'epochs_from_checkpoint', 'effective_precision', 'run_meta', 'build_learner', 'fit',
-           'FolderLock', 'write_text_atomic', 'run_started', 'check_new_out', 'local_device', 'setup_processes',
-           'on_rank0', 'ddp_ctx', 'state_digest', 'replica_digests', 'launcher_mismatch', 'versions', 'hardware',
-           'train_run', 'summarize', 'summary_text', 'save_plots', 'write_results', 'train', 'print_list', 'main']
+__all__ = ['PRECISIONS', 'ACTS', 'RUN_DEFAULTS', 'OPT_HYPERS', 'RESULT_COLS', 'RESUME_FLAGS', 'USER_ERRORS', 'cfg_opt_func',
+           'build_model', 'make_config', 'check_device', 'check_config', 'RunLog', 'read_epochs',
+           'epochs_from_checkpoint', 'effective_precision', 'run_meta', 'build_learner', 'channels_last', 'fit',
+           'default_workers', 'StepProfile', 'profile_text', 'profile_run', 'FolderLock', 'write_text_atomic',
+           'run_started', 'check_new_out', 'local_device', 'setup_processes', 'on_rank0', 'ddp_ctx', 'state_digest',
+           'replica_digests', 'launcher_mismatch', 'train_run', 'summarize', 'summary_text', 'save_plots',
+           'write_results', 'train', 'print_list', 'cli_parser', 'main']
 
 # %% ../nbs/23_train.ipynb #ec7778ea
-def _opt_src(name):
-    if name=='ranger':        from fastai_ranger.ranger import ranger as f
-    elif name=='ranger_lars': from fastai_ranger.ranger_lars import ranger_lars as f
-    elif name=='adan':        from fastai_ranger.adan import adan as f
-    elif name=='adam':        from fastai.optimizer import Adam as f
-    elif name=='fastai_ranger': from fastai.optimizer import ranger as f
-    return f
-
-OPTIMIZERS = ('ranger','ranger_lars','adan','adam','fastai_ranger')
-SCHEDULES = ('flat_cos','one_cycle','constant')
 PRECISIONS = ('fp32','fp16','bf16')
 ACTS = dict(Mish=Mish, ReLU=nn.ReLU, SiLU=nn.SiLU)
 
-def get_opt_func(cfg):
-    "The fastai `opt_func` named by `cfg.opt`, with the hyperparameters of `cfg` it accepts"
-    if cfg.opt not in OPTIMIZERS: raise ValueError(f"Invalid opt: {cfg.opt!r} (expected one of {', '.join(OPTIMIZERS)})")
-    f = _opt_src(cfg.opt)
-    ps = inspect.signature(f).parameters
-    hp = {k:cfg.get(k) for k in ('mom','sqr_mom','diff_mom','eps','wd','k','alpha','nonfinite') if cfg.get(k) is not None}
-    if 'betas' in ps and any(k in hp for k in ('mom','diff_mom','sqr_mom')): # an Adan taking torch-style betas=(β₁, β₂, β₃)
-        d = ps['betas'].default
-        hp['betas'] = tuple(hp.pop(k, d[i]) for i,k in enumerate(('mom','diff_mom','sqr_mom')[:len(d)]))
-    hp = {k:v for k,v in hp.items() if k in ps}
-    return partial(f, **hp)
+def cfg_opt_func(cfg):
+    "The fastai `opt_func` of optimizer `cfg.opt` (a `fastai_ranger.registry.OPTS` name) with the hyperparameters `cfg` sets"
+    return registry.get_opt_func(cfg.opt, **{k:cfg.get(k) for k in HYPERS})
 
 # %% ../nbs/23_train.ipynb #057ca2ff
-def _model_fn():
-    from fastai_ranger.models import get_model
-    return get_model
-
 def build_model(cfg, n_out:int):
     "The network of `cfg` (arch, act, sa, sym, pool, blurpool) with `n_out` outputs"
-    get_model = _model_fn()
+    from fastai_ranger.models import make_model
     if cfg.act not in ACTS: raise ValueError(f"Invalid act: {cfg.act!r} (expected one of {', '.join(ACTS)})")
     if cfg.pool not in ('MaxPool','AvgPool'): raise ValueError(f"Invalid pool: {cfg.pool!r} (expected MaxPool or AvgPool)")
     pool = MaxPool if cfg.pool=='MaxPool' else AvgPool
-    return get_model(cfg.arch, n_out=n_out, act_cls=ACTS[cfg.act], sa=cfg.sa, sym=cfg.sym, pool=pool, blurpool=cfg.blurpool)
+    return make_model(cfg.arch, n_out=n_out, act_cls=ACTS[cfg.act], sa=cfg.sa, sym=cfg.sym, pool=pool, blurpool=cfg.blurpool)
 
 # %% ../nbs/23_train.ipynb #9aa9a9aa
-OPT_HYPERS = ('mom','sqr_mom','diff_mom','eps','k','alpha')
-RUN_DEFAULTS = dict(runs=1, seed=42, workers=None, device=None, channels_last=False, deterministic=False, skip_bad=False,
-                    check_images=False, max_train_batches=None, max_valid_batches=None, nonfinite=None)
+RUN_DEFAULTS = dict(runs=1, seed=42, workers=None, device=None, channels_last=None, compile=False, profile=None, deterministic=False,
+                    skip_bad=False, check_images=False, max_train_batches=None, max_valid_batches=None, nonfinite=None)
+OPT_HYPERS = tuple(k for k in HYPERS if k not in RUN_DEFAULTS) # the recipe's own optimizer settings
 _CELL_KEYS = ('dataset','size','epochs','data_copy')
 
 def make_config(recipe:str=None, dataset:str=None, size:int=None, epochs:int=None, **overrides) -> AttrDict:
@@ -94,7 +77,8 @@ def make_config(recipe:str=None, dataset:str=None, size:int=None, epochs:int=Non
                        notes="no leaderboard cell for this size/epochs: canonical recipe", data_copy=None)
         changed = {}
     cfg.update(changed)
-    unknown = [k for k in overrides if k not in cfg and k not in RUN_DEFAULTS]
+    cfg.update({k:cfg.get(k) for k in OPT_HYPERS}) # a hyperparameter the recipe does not set: the optimizer's default
+    unknown = [k for k in overrides if k not in cfg and k not in RUN_DEFAULTS and k not in OPT_HYPERS]
     if unknown: raise ValueError(f"Unknown setting(s): {unknown}")
     cfg.update({k:v for k,v in merge(RUN_DEFAULTS, {k:v for k,v in overrides.items() if k in RUN_DEFAULTS}).items()})
     if overrides.get('opt') not in (None, cfg.opt): # the recipe's betas/eps/Lookahead belong to its own optimizer
@@ -132,22 +116,23 @@ def check_config(cfg):
     check_device(cfg.get('device'))
     check_lr(cfg.lr, 'lr'); check_wd(cfg.wd, 'wd')
     if cfg.eps is not None: check_eps(cfg.eps, 'eps')
-    for n in ('mom','sqr_mom','diff_mom'):
-        if cfg.get(n) is not None: check_beta(cfg[n], n)
+    get_spec(cfg.opt)
+    for k,h in HYPERS.items():
+        if cfg.get(k) is not None and h.check is not None: h.check(cfg[k], k)
     check_hyper('pct', cfg.pct, isinstance(cfg.pct,(int,float)) and 0 <= cfg.pct <= 1, "a number in [0, 1]")
     check_hyper('label_smoothing', cfg.ls, isinstance(cfg.ls,(int,float)) and 0 <= cfg.ls < 1, "a number in [0, 1)")
     check_hyper('mixup', cfg.mixup, isinstance(cfg.mixup,(int,float)) and cfg.mixup >= 0, "a number >= 0 (0: off)")
-    check_hyper('sched', cfg.sched, cfg.sched in SCHEDULES, f"one of {', '.join(SCHEDULES)}")
+    check_sched(cfg.sched)
     check_hyper('precision', cfg.precision, cfg.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}")
     from fastai_ranger.models import check_model_name
     check_model_name(cfg.arch)
     check_hyper('act', cfg.act, cfg.act in ACTS, f"one of {', '.join(ACTS)}")
     check_hyper('pool', cfg.pool, cfg.pool in ('MaxPool','AvgPool'), "MaxPool or AvgPool")
-    if cfg.get('nonfinite') is not None:
-        check_hyper('nonfinite', cfg.nonfinite, cfg.nonfinite in ('skip','raise'), "'skip' or 'raise'")
-        if 'nonfinite' not in inspect.signature(_opt_src(cfg.opt)).parameters:
-            raise ValueError(f"Invalid nonfinite: opt {cfg.opt!r} has no non-finite gradient policy (use ranger, ranger_lars or adan)")
-    get_opt_func(cfg)([nn.Parameter(torch.zeros(2,2))], lr=cfg.lr) # the optimizer's own checks
+    if cfg.get('nonfinite') is not None and not get_spec(cfg.opt).nonfinite:
+        raise ValueError(f"Invalid nonfinite: opt {cfg.opt!r} has no non-finite gradient policy "
+                         f"(use {', '.join(s.name for s in OPTS.values() if s.nonfinite)})")
+    if cfg.get('profile') is not None: _check_int('profile', cfg.profile, 1)
+    cfg_opt_func(cfg)([nn.Parameter(torch.zeros(2,2))], lr=cfg.lr) # the optimizer's own checks
     return cfg
 
 # %% ../nbs/23_train.ipynb #b2841d9e
@@ -211,20 +196,71 @@ def build_learner(cfg, dls, run_dir=None, meta:dict=None) -> Learner:
     if run_dir is not None: cbs.append(CheckpointCallback(run_dir, meta=meta))
     if cfg.mixup: cbs.append(MixUp(cfg.mixup))
     metrics = [accuracy] + ([top_k_accuracy] if len(dls.vocab) > 5 else []) # top-5 needs more than 5 classes
-    learn = Learner(dls, model, opt_func=get_opt_func(cfg), loss_func=loss, metrics=metrics,
+    learn = Learner(dls, model, opt_func=cfg_opt_func(cfg), loss_func=loss, metrics=metrics,
                     wd=cfg.wd, cbs=cbs)
     prec = effective_precision(cfg, dls.device)
     if prec=='fp16': learn.to_fp16()
     elif prec=='bf16': learn.to_bf16()
-    if cfg.channels_last: learn.to_channelslast(use_amp=False)
+    if channels_last(cfg, dls.device): learn.to_channelslast(use_amp=False)
+    if cfg.get('compile'): learn.model = torch.compile(learn.model)
     return learn
+
+def channels_last(cfg, device) -> bool:
+    "Whether the run uses channels_last: as set, else on for CUDA (faster convolutions with tensor cores), off on CPU"
+    return cfg.channels_last if cfg.get('channels_last') is not None else torch.device(device).type == 'cuda'
 
 def fit(learn, cfg, start_epoch:int=0):
     "Train `learn` with `cfg`'s schedule (from `start_epoch` when resuming)"
-    n,lr,wd = cfg.epochs, cfg.lr, cfg.wd
-    if cfg.sched=='flat_cos': learn.fit_flat_cos(n, lr, wd=wd, pct_start=cfg.pct, start_epoch=start_epoch)
-    elif cfg.sched=='one_cycle': learn.fit_one_cycle(n, lr, wd=wd, pct_start=cfg.pct, start_epoch=start_epoch)
-    else: learn.fit(n, lr, wd=wd, start_epoch=start_epoch)
+    fit_sched(learn, cfg.sched, cfg.epochs, cfg.lr, wd=cfg.wd, pct=cfg.pct, start_epoch=start_epoch)
+
+# %% ../nbs/23_train.ipynb #28ea215c
+def default_workers(n_procs:int=1) -> int:
+    "DataLoader workers per process: the cores shared among `n_procs` processes, at least 1, at most 16"
+    return max(1, min(16, (os.cpu_count() or 1)//max(1, n_procs)))
+
+class StepProfile(Callback):
+    "Time `n` training steps split into data wait, forward+backward and optimizer step, then stop `fit`"
+    order = 99
+    def __init__(self, n:int, skip:int=1): store_attr(); self.rows = []
+    def _now(self):
+        if self.dls.device is not None and torch.device(self.dls.device).type == 'cuda': torch.cuda.synchronize()
+        return time.perf_counter()
+    def before_train(self): self._end = self._now()
+    def before_batch(self):
+        if self.training: self._b = self._now()
+    def before_step(self): self._s = self._now()
+    def after_batch(self):
+        if not self.training: return
+        e = self._now()
+        if self.iter >= self.skip: self.rows.append(dict(data=self._b-self._end, fwd_bwd=self._s-self._b, opt=e-self._s))
+        self._end = e
+        if len(self.rows) >= self.n: raise CancelFitException
+
+    def summary(self) -> dict:
+        "Mean ms per step of each phase and its share of the step"
+        tot = {k: sum(r[k] for r in self.rows) for k in ('data','fwd_bwd','opt')}
+        s = sum(tot.values()) or 1.
+        return {k: dict(ms=1e3*v/max(1, len(self.rows)), pct=100*v/s) for k,v in tot.items()}
+
+# %% ../nbs/23_train.ipynb #b9caf284
+def profile_text(s:dict, n:int) -> str:
+    "The `--profile` report: one line per phase, and what to do when the loader is the bottleneck"
+    names = dict(data='waiting for data', fwd_bwd='forward + backward', opt='optimizer step')
+    lines = [f"where the time of {n} training step(s) goes:"]
+    lines += [f"  {names[k]:<20}{v['ms']:9.1f} ms/step {v['pct']:6.1f} %" for k,v in s.items()]
+    if s['data']['pct'] > 30: lines.append("  the data loader is the bottleneck: more --workers, a faster disk, or the 160/320 px copy")
+    return '\n'.join(lines)
+
+def profile_run(cfg, dls, n_procs:int=1) -> dict:
+    "Train `cfg.profile` steps of `cfg` on `dls` and print where their time goes; writes nothing"
+    learn = build_learner(cfg, dls)
+    n = cfg.profile
+    prof = StepProfile(n, skip=1 if n > 1 and len(dls.train) > n else 0)
+    ctx = ddp_ctx(learn, cfg.device) if n_procs > 1 else nullcontext()
+    with ctx, learn.no_bar(), learn.no_logging(): fit(learn.add_cb(prof), cfg)
+    s = prof.summary()
+    if rank_distrib() == 0: print(profile_text(s, len(prof.rows)))
+    return dict(profile=s, steps=len(prof.rows))
 
 # %% ../nbs/23_train.ipynb #16d32bf6
 def _pid_alive(pid:int) -> bool:
@@ -416,20 +452,6 @@ def launcher_mismatch() -> str|None:
             f"Use `accelerate launch --multi_gpu --num_processes {n} -m fastai_ranger.train ... --device cpu` or "
             f"`torchrun --nproc_per_node {n} -m fastai_ranger.train ...`, or drop --num_processes for one process")
 
-# %% ../nbs/23_train.ipynb #bd078c83
-def versions() -> dict:
-    "Versions of Python and the libraries a result depends on"
-    import fastcore, torchvision, fastai_ranger
-    return dict(python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__,
-                fastai=fastai.__version__, fastcore=fastcore.__version__, fastai_ranger=fastai_ranger.__version__)
-
-def hardware(device=None) -> dict:
-    "The machine: platform, CPUs, torch threads and GPUs"
-    h = dict(platform=platform.platform(), processor=platform.processor() or platform.machine(), cpus=os.cpu_count(),
-             torch_threads=torch.get_num_threads(), device=str(device), n_gpus=torch.cuda.device_count(), world_size=max(1, num_distrib()))
-    if torch.cuda.is_available(): h['gpu'] = torch.cuda.get_device_name()
-    return h
-
 # %% ../nbs/23_train.ipynb #657e3025
 def _summ(xs):
     xs = [x for x in xs if x is not None]
@@ -523,32 +545,28 @@ def summary_text(cfg, s:dict) -> str:
 
 def save_plots(cfg, runs:list, out):
     "loss.png (training loss per batch, validation loss per epoch) and accuracy.png (per epoch, with the target)"
-    import matplotlib; matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    fig,axs = plt.subplots(1,2, figsize=(11,4))
+    from matplotlib.figure import Figure # not pyplot: the global backend and open figures stay as they are
+    fig = Figure(figsize=(11,4)); axs = fig.subplots(1,2)
     for r in runs:
         axs[0].plot([o for o in r['losses']], alpha=0.8, label=f"run {r['run']}")
         es = r['epochs']
         axs[1].plot([e['epoch']+1 for e in es], [e.get('valid_loss') for e in es], 'o-', label=f"run {r['run']}")
     axs[0].set(title='training loss (smoothed, per batch)', xlabel='iteration'); axs[1].set(title='validation loss', xlabel='epoch')
     for ax in axs: ax.legend(fontsize=7)
-    fig.suptitle(cfg.name); fig.tight_layout(); fig.savefig(Path(out)/'loss.png', dpi=90); plt.close(fig)
-    fig,ax = plt.subplots(figsize=(6,4))
-    for r in runs:
-        es = r['epochs']
-        ax.plot([e['epoch']+1 for e in es], [100*e['accuracy'] if e.get('accuracy') is not None else None for e in es], 'o-', label=f"run {r['run']}")
-    if cfg.target is not None: ax.axhline(cfg.target, color='k', ls='--', label=f'target {cfg.target}')
-    ax.set(title=f'{cfg.name}: validation accuracy', xlabel='epoch', ylabel='accuracy (%)'); ax.legend(fontsize=7)
-    fig.tight_layout(); fig.savefig(Path(out)/'accuracy.png', dpi=90); plt.close(fig)
+    fig.suptitle(cfg.name); fig.tight_layout(); fig.savefig(Path(out)/'loss.png', dpi=90)
+    fig = Figure(figsize=(6,4))
+    plot_accuracy(fig.subplots(), {f"run {r['run']}": r['epochs'] for r in runs}, cfg.target, f'{cfg.name}: validation accuracy')
+    fig.tight_layout(); fig.savefig(Path(out)/'accuracy.png', dpi=90)
 
 def write_results(cfg, source:dict, runs:list, out, total_wall:float) -> dict:
-    "Write results.csv, results.json and the plots to `out`; return the json content"
+    "Write results.csv, results.md, results.json and the plots to `out`; return the json content"
     out = Path(out)
     s = summarize(cfg, runs)
     df = pd.DataFrame([{c:r.get(c) for c in RESULT_COLS} for r in runs], columns=RESULT_COLS)
     for k in ('name','dataset','size','epochs','arch','opt','lr','bs'): df[k if k!='name' else 'recipe'] = cfg[k]
     df['data_copy'] = source.get('copy')
     df.to_csv(out/'results.csv', index=False)
+    (out/'results.md').write_text(f"# {cfg.name}\n\n{summary_text(cfg, s)}\n\n{md_table(df.round(3))}\n\n![accuracy](accuracy.png)\n")
     res = dict(config=dict(cfg), summary=s, source=source, versions=versions(), hardware=hardware(cfg.device),
                total_wall_s=total_wall, runs=[{k:v for k,v in r.items() if k not in ('losses','lrs')} for r in runs])
     (out/'results.json').write_text(json.dumps(res, indent=1, default=str))
@@ -623,17 +641,18 @@ def train(recipe:str=None, # Recipe name (see `RECIPES`)
     cfg.device = local_device(cfg.device)
     n = setup_processes(cfg.device)
     rank0 = rank_distrib()==0
-    if resume is None:
+    if resume is None and not cfg.get('profile'):
         out = Path(on_rank0(lambda: str(ifnone(out, f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"))))
         on_rank0(check_new_out, out) # fail fast, before reading the data
     _LAST_OUT['out'] = out
     bs = cfg.bs
-    dls = _rank0_first(lambda: get_dls(cfg.size, bs=bs, data=cfg.data, dataset=cfg.dataset, workers=cfg.workers, normalize=cfg.normalize,
+    dls = _rank0_first(lambda: get_dls(cfg.size, bs=bs, data=cfg.data, dataset=cfg.dataset, workers=ifnone(cfg.workers, default_workers(n)), normalize=cfg.normalize,
                   resize=cfg.resize, copy=cfg.data_copy if cfg.data is None else None, skip_bad=cfg.skip_bad,
                   check_images=cfg.check_images, seed=cfg.seed, device=cfg.device,
                   max_train=None if cfg.max_train_batches is None else cfg.max_train_batches*bs,
                   max_valid=None if cfg.max_valid_batches is None else cfg.max_valid_batches*bs))
     _check_batches(cfg, dls, n)
+    if cfg.get('profile'): return profile_run(cfg, dls, n)
     lock = []
     try:
         on_rank0(_claim, out, cfg, dls, resume is not None, lock)
@@ -676,8 +695,7 @@ def print_list():
           "Notes per recipe: fastai_ranger.recipes.RECIPES[name].notes")
 
 # %% ../nbs/23_train.ipynb #c948bcdf
-@call_parse
-def main(recipe:str=None, # Recipe name (--list shows them)
+def _cli(recipe:str=None, # Recipe name (--list shows them)
          dataset:str=None, # imagenette or imagewoof (with --size/--epochs, instead of --recipe)
          size:int=None, # Image size, px
          epochs:int=None, # Number of epochs
@@ -689,14 +707,8 @@ def main(recipe:str=None, # Recipe name (--list shows them)
          lr:float=None, # Learning rate
          wd:float=None, # Weight decay (decoupled)
          bs:int=None, # Batch size
-         opt:str=None, # ranger, ranger_lars, adan, adam or fastai_ranger
-         mom:float=None, # beta1
-         sqr_mom:float=None, # beta2
-         diff_mom:float=None, # Adan's beta2: decay of the gradient-difference average
-         eps:float=None, # Optimizer epsilon
-         k:int=None, # Lookahead steps
-         alpha:float=None, # Lookahead alpha
-         sched:str=None, # flat_cos, one_cycle or constant
+         opt:str=None, # ranger, ranger_lars, adan, adam or fastai_ranger (fastai_ranger.registry.OPTS)
+         sched:str=None, # flat_cos, one_cycle, one_cycle_lr or constant
          pct:float=None, # flat_cos: flat fraction; one_cycle: warm-up fraction
          arch:str=None, # Architecture name (fastai_ranger.models)
          sa:bool_arg=None, # Simple self-attention (true/false)
@@ -712,8 +724,10 @@ def main(recipe:str=None, # Recipe name (--list shows them)
          fp16:bool=False, # Mixed precision fp16 (GPU)
          bf16:bool=False, # Mixed precision bf16 (GPU)
          fp32:bool=False, # Full precision
-         channels_last:bool=False, # channels_last memory format
-         workers:int=None, # DataLoader workers
+         channels_last:bool_arg=None, # channels_last memory format (true/false; default: on with CUDA)
+         compile:bool=False, # torch.compile the model (CUDA: faster steps after a compile of a minute or so)
+         profile:int=None, # Train N steps, print where their time goes (data wait, forward+backward, optimizer), write nothing
+         workers:int=None, # DataLoader workers (default: the cores divided among the processes, at most 16)
          seed:int=42, # Random seed of the first run
          device:str=None, # cpu, cuda, cuda:1 ... (default: cuda if available)
          deterministic:bool=False, # Deterministic kernels (bitwise-reproducible on CPU; slower on GPU)
@@ -721,8 +735,8 @@ def main(recipe:str=None, # Recipe name (--list shows them)
          max_valid_batches:int=None, # Smoke runs: a random subset of this many validation batches
          skip_bad:bool=False, # Decode every image first and skip unreadable ones with a warning
          check_images:bool=False, # Decode every image first and stop listing unreadable ones
-         nonfinite:str=None, # Optimizer policy for inf/NaN gradients: skip (the step) or raise (ranger, ranger_lars, adan)
          quiet:bool=False, # No progress bars
+         **hp # Optimizer hyperparameters (`fastai_ranger.registry.HYPERS`): one flag each, see `cli_parser`
         ):
     "Train an ImageNette/ImageWoof leaderboard recipe with Ranger, RangerLARS or Adan and report mean ± sd against the record"
     if list: return print_list()
@@ -733,13 +747,13 @@ def main(recipe:str=None, # Recipe name (--list shows them)
         if len(precs)>1: raise ValueError(f"Choose one of --fp16, --bf16, --fp32 (got {', '.join('--'+p for p in precs)})")
         if recipe is None and dataset is None and size is None and epochs is None and resume is None:
             raise ValueError("Nothing to train: pass --recipe NAME (see --list), --dataset/--size/--epochs, or --resume DIR")
-        kw = dict(data=data, lr=lr, wd=wd, bs=bs, opt=opt, mom=mom, sqr_mom=sqr_mom, diff_mom=diff_mom, eps=eps, k=k, alpha=alpha,
+        kw = dict(data=data, lr=lr, wd=wd, bs=bs, opt=opt, **{k_:v for k_,v in hp.items() if k_ not in RUN_DEFAULTS},
                   sched=sched, pct=pct, arch=arch, sa=sa, sym=sym, blurpool=blurpool, pool=pool, act=act, ls=label_smoothing,
                   mixup=mixup, resize=resize, normalize=normalize, data_copy=data_copy, precision=first(precs))
         kw = {k_:v for k_,v in kw.items() if v is not None}
-        run = dict(runs=runs, seed=seed, workers=workers, device=device, channels_last=channels_last, deterministic=deterministic,
-                   skip_bad=skip_bad, check_images=check_images, max_train_batches=max_train_batches, max_valid_batches=max_valid_batches,
-                   nonfinite=nonfinite)
+        run = dict(runs=runs, seed=seed, workers=workers, device=device, channels_last=channels_last, compile=compile, profile=profile,
+                   deterministic=deterministic, skip_bad=skip_bad, check_images=check_images, max_train_batches=max_train_batches,
+                   max_valid_batches=max_valid_batches, **{k_:v for k_,v in hp.items() if k_ in RUN_DEFAULTS})
         # a resume gets only the flags that were given (not their defaults): it accepts some and names the others
         kw.update(run if resume is None else {k_:v for k_,v in run.items() if v != RUN_DEFAULTS[k_]})
         train(recipe, dataset, size, epochs, out=out, resume=resume, quiet=quiet, **kw)
@@ -753,3 +767,22 @@ def main(recipe:str=None, # Recipe name (--list shows them)
         raise CliError(f"error: {_clean_msg(e)}") from None
     finally:
         if _dist() is not None: torch.distributed.destroy_process_group()
+
+def cli_parser():
+    "The `fastai-ranger-train` parser: `_cli`'s settings, then one flag per optimizer hyperparameter in `HYPERS`"
+    p = anno_parser(_cli, prog='fastai-ranger-train')
+    g = p.add_argument_group("optimizer hyperparameters (default: the recipe's, else the optimizer's own)")
+    for k,h in HYPERS.items():
+        g.add_argument('--'+k.replace('_','-'), dest=k, type=h.type, metavar=f'({h.type.__name__})', help=h.help)
+    return p
+
+def main(argv:list=None # Arguments (default: the command line)
+        ):
+    "The `fastai-ranger-train` command: parse `argv` and run `_cli`"
+    a = vars(cli_parser().parse_args(argv))
+    for k in ('pdb', 'xtra'): a.pop(k, None) # fastcore's hidden flags
+    try: return _cli(**a)
+    except CliError as e: raise SystemExit(str(e)) from None # the one-line message on stderr, exit status 1
+
+# %% ../nbs/23_train.ipynb #5a75c2a4
+if __name__ == '__main__' and not IN_NOTEBOOK: main() # `python -m fastai_ranger.train`, `torchrun -m ...`

@@ -1,5 +1,5 @@
 "Shared fixtures of the pytest suites: the real mini dataset, the environment of child processes, one torch thread"
-import os
+import os, subprocess, time
 from pathlib import Path
 import pytest, torch
 
@@ -20,11 +20,34 @@ def mini() -> Path:
     return p
 
 def child_env(**kw) -> dict:
-    "Environment for a child Python process: this checkout importable, one CPU thread, no GPU, fixed hash seed"
-    env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='', PYTHONHASHSEED='0', PYTHONUNBUFFERED='1',
-               **{k:str(v) for k,v in kw.items()})
+    "Environment for a child Python process: this checkout importable, one CPU thread, no GPU, fixed hash seed, `kw` on top"
+    env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='', PYTHONHASHSEED='0', PYTHONUNBUFFERED='1', MPLBACKEND='Agg')
+    env.pop('FASTAI_RANGER_DEBUG', None)  # the CLI's one-line errors are under test, not tracebacks
+    env.update({k:str(v) for k,v in kw.items()})
     env['PYTHONPATH'] = str(ROOT) + os.pathsep + env.get('PYTHONPATH', '')
     return env
+
+def run_all(cmds:dict, # name -> command (list of arguments)
+            env:dict, # Environment of every process
+            timeout:float=600, # Seconds each may take
+            stagger:dict=None, # name -> seconds to wait after starting that process
+            merge:bool=False # stderr into stdout
+           ) -> dict:
+    "Start every command at once (their cost is mostly start-up), wait for all; {name: (returncode, stdout, stderr)}"
+    err = subprocess.STDOUT if merge else subprocess.PIPE
+    procs = {}
+    for k,c in cmds.items():
+        procs[k] = subprocess.Popen([str(o) for o in c], env=env, text=True, stdout=subprocess.PIPE, stderr=err)
+        if stagger and k in stagger: time.sleep(stagger[k])
+    res = {}
+    try:
+        for k,p in procs.items():
+            out,err_ = p.communicate(timeout=timeout)
+            res[k] = (p.returncode, out, err_)
+    finally:
+        for p in procs.values():
+            if p.poll() is None: p.kill()
+    return res
 
 @pytest.fixture
 def one_thread():

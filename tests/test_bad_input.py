@@ -3,42 +3,32 @@ exit status 1, no traceback) where the CLI can express it, through the API other
 import importlib, json, os, shutil, subprocess, sys, warnings
 from pathlib import Path
 import pytest, torch
+from conftest import child_env, run_all
 from torch import nn
 
-MINI = Path(os.environ.get('FASTAI_RANGER_MINI', Path(__file__).resolve().parents[2]/'shared'/'data'/'imagenette2-160-mini'))
-if not MINI.exists(): MINI = Path('/work/shared/data/imagenette2-160-mini')
 SMALL = ['--size', '32', '--bs', '4', '--epochs', '1', '--workers', '0', '--device', 'cpu', '--quiet']
 
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
-    env.pop('FASTAI_RANGER_DEBUG', None)
-    env['PYTHONPATH'] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get('PYTHONPATH', '')
-    return env
-
-def _small_copy(dst:Path, n_cls=5, n_train=2, n_val=1) -> Path: # 5 classes: the CLI reports top-5 accuracy
+def _small_copy(mini:Path, dst:Path, n_cls=5, n_train=2, n_val=1) -> Path: # 5 classes: the CLI reports top-5 accuracy
     "A tiny folder in the official layout, copied from the real mini dataset"
     for split,n in (('train',n_train),('val',n_val)):
-        for c in sorted(o for o in (MINI/split).iterdir() if o.is_dir())[:n_cls]:
+        for c in sorted(o for o in (mini/split).iterdir() if o.is_dir())[:n_cls]:
             (dst/split/c.name).mkdir(parents=True)
             for f in sorted(c.iterdir())[:n]: shutil.copy(f, dst/split/c.name/f.name)
     return dst
 
 @pytest.fixture(scope='module')
-def cli(tmp_path_factory):
+def cli(tmp_path_factory, mini):
     "Run every CLI case at once (the cost is mostly Python start-up), return {case: (returncode, output, out_dir)}"
-    try: importlib.import_module('fastai_ranger.train')
-    except ImportError as e: pytest.skip(f"fastai_ranger.train is not available yet: {e}")
-    if not MINI.exists(): pytest.skip(f"real mini dataset not found at {MINI}")
     d = tmp_path_factory.mktemp('bad')
     flat = d/'flat'; flat.mkdir() # images but no train/ and val/ folders
-    for f in sorted((MINI/'train').rglob('*.JPEG'))[:3]: shutil.copy(f, flat/f.name)
-    corrupt = _small_copy(d/'corrupt')
+    for f in sorted((mini/'train').rglob('*.JPEG'))[:3]: shutil.copy(f, flat/f.name)
+    corrupt = _small_copy(mini, d/'corrupt')
     bad = sorted((corrupt/'train').rglob('*.JPEG'))[1]
     bad.write_bytes(bad.read_bytes()[:200]) # truncated download
-    trunc = _small_copy(d/'trunc')
+    trunc = _small_copy(mini, d/'trunc')
     bad_tail = sorted((trunc/'val').rglob('*.JPEG'))[0]
     bad_tail.write_bytes(bad_tail.read_bytes()[:len(bad_tail.read_bytes())//2]) # header intact, pixels missing
-    skip = _small_copy(d/'skip')
+    skip = _small_copy(mini, d/'skip')
     bad_skip = sorted((skip/'train').rglob('*.JPEG'))[1]
     bad_skip.write_bytes(b'this is not a JPEG')
     cases = {
@@ -52,17 +42,8 @@ def cli(tmp_path_factory):
         'mom':       ['--recipe', 'sample-quick', '--mom', '1.5', *SMALL],
         'nan_loss':  ['--recipe', 'sample-quick', '--lr', '1e30', '--max-train-batches', '3', '--max-valid-batches', '1', *SMALL],
     }
-    procs = {}
-    for k,args in cases.items():
-        out = d/f'out_{k}'
-        procs[k] = (subprocess.Popen([sys.executable, '-m', 'fastai_ranger.train', *args, '--out', str(out)], env=_env(),
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), out)
-    res = {}
-    try:
-        for k,(p,out) in procs.items(): res[k] = (p.wait(timeout=300), p.stdout.read(), out)
-    finally:
-        for p,_ in procs.values():
-            if p.poll() is None: p.kill()
+    cmds = {k:[sys.executable, '-m', 'fastai_ranger.train', *args, '--out', d/f'out_{k}'] for k,args in cases.items()}
+    res = {k:(rc, out, d/f'out_{k}') for k,(rc,out,_) in run_all(cmds, child_env(), timeout=300, merge=True).items()}
     res['_files'] = dict(bad=bad, bad_tail=bad_tail, bad_skip=bad_skip, missing=d/'nope', flat=flat)
     return res
 
@@ -153,9 +134,7 @@ def test_nonfinite_loss_keeps_last_good_checkpoint(tmp_path):
 
 OPTS = [('fastai_ranger.ranger', 'Ranger', {}), ('fastai_ranger.ranger_lars', 'RangerLARS', {}), ('fastai_ranger.adan', 'Adan', {})]
 
-def _opt_cls(mod, cls):
-    try: return getattr(importlib.import_module(mod), cls)
-    except (ImportError, AttributeError) as e: pytest.skip(f"{mod}.{cls} is not available yet: {e}")
+def _opt_cls(mod, cls): return getattr(importlib.import_module(mod), cls)
 
 def _model():
     torch.manual_seed(0)
@@ -212,7 +191,7 @@ def test_nonfinite_mode_validated():
 
 def test_resume_errors(tmp_path):
     "Resuming from a folder without a checkpoint, or into a different model, says so"
-    from fastai_ranger.checkpoint import load_checkpoint, CheckpointCallback
+    from fastai_ranger.checkpoint import load_checkpoint, CheckpointCallback, CheckpointError
     from fastai.optimizer import Adam
     with pytest.raises(FileNotFoundError, match='No checkpoint at'): load_checkpoint(_tiny_learner(Adam, []), tmp_path)
     l = _tiny_learner(Adam, [CheckpointCallback(tmp_path)])
@@ -220,4 +199,5 @@ def test_resume_errors(tmp_path):
     other = _tiny_learner(Adam, []); other.model[2] = nn.Linear(16, 4)
     with pytest.raises(RuntimeError, match='does not fit this model'): load_checkpoint(other, tmp_path)
     (tmp_path/'junk.pth').write_bytes(b'not a checkpoint')
-    with pytest.raises(Exception): load_checkpoint(_tiny_learner(Adam, []), tmp_path/'junk.pth')
+    with pytest.raises(CheckpointError, match=r'junk.pth is not a readable checkpoint \(truncated or corrupt: not a complete `torch.save` archive\)'):
+        load_checkpoint(_tiny_learner(Adam, []), tmp_path/'junk.pth')

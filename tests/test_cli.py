@@ -2,9 +2,9 @@
 import json, math, os, shutil, subprocess, sys
 from pathlib import Path
 import pandas as pd, pytest
+from conftest import child_env, run_all
 from PIL import Image
 
-MINI = Path(os.environ.get('FASTAI_RANGER_MINI', '/work/shared/data/imagenette2-160-mini'))
 SCRIPT = Path(sys.executable).parent/'fastai-ranger-train'
 TINY = ['--epochs','1','--size','32','--bs','16','--arch','xresnet18','--max-train-batches','3','--max-valid-batches','2',
         '--workers','0','--device','cpu','--quiet']
@@ -12,7 +12,7 @@ TINY = ['--epochs','1','--size','32','--bs','16','--arch','xresnet18','--max-tra
 def run(args, tmp, **kw):
     "Run the CLI (`python -m fastai_ranger.train`, or the console script with `script=True`) and return the completed process"
     script = kw.pop('script', False)
-    env = dict(os.environ, OMP_NUM_THREADS='1', MPLBACKEND='Agg', FASTAI_RANGER_SAMPLE=str(tmp/'samples'), PYTHONWARNINGS='ignore')
+    env = child_env(PYTHONWARNINGS='ignore', FASTAI_RANGER_SAMPLE=tmp/'samples')
     cmd = ([str(SCRIPT)] if script else [sys.executable, '-m', 'fastai_ranger.train']) + [str(a) for a in args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, **kw)
 
@@ -54,10 +54,9 @@ def _check_results(out:Path, n_runs:int, source_kind:str, copy:str, epochs=1):
     for p in ('loss.png','accuracy.png'): _is_png(out/p)
     return res
 
-@pytest.mark.skipif(not MINI.exists(), reason='mini Imagenette not available')
-def test_real_images_two_runs(tmp):
+def test_real_images_two_runs(tmp, mini):
     out = tmp/'mini'
-    p = run(['--recipe','mini-quick','--data',MINI,'--runs','2','--out',out] + TINY, tmp)
+    p = run(['--recipe','mini-quick','--data',mini,'--runs','2','--out',out] + TINY, tmp)
     assert p.returncode == 0, p.stderr[-3000:]
     res = _check_results(out, 2, 'folder', '160')
     assert res['source']['n_train'] == 500 and res['source']['subset_train'] == 48
@@ -91,16 +90,8 @@ CASES = {
 @pytest.fixture(scope='module')
 def quick(tmp):
     "Run the short CLI cases concurrently (their cost is Python start-up); {case: CompletedProcess-like (rc, stdout, stderr)}"
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
-    ps = {k:subprocess.Popen([sys.executable,'-m','fastai_ranger.train','--device','cpu',*a], env=env, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for k,a in CASES.items()}
-    res = {}
-    try:
-        for k,p in ps.items(): out,err = p.communicate(timeout=300); res[k] = (p.returncode, out, err)
-    finally:
-        for p in ps.values():
-            if p.poll() is None: p.kill()
-    return res
+    cmds = {k:[sys.executable,'-m','fastai_ranger.train','--device','cpu',*a] for k,a in CASES.items()}
+    return run_all(cmds, child_env(PYTHONWARNINGS='ignore'), timeout=300)
 
 def test_list(quick):
     rc,out,err = quick['list']

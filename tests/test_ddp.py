@@ -4,6 +4,7 @@ through fastai's `distrib_ctx`."""
 import os, socket, subprocess, sys, textwrap
 from pathlib import Path
 import pytest, torch
+from conftest import child_env, flat_tensors
 
 # Tolerance between the 2-process run and the single-process run on the same global batch. The gradients are the
 # same average, summed in a different order (all-reduce of two half-batch means vs one full-batch mean), so they
@@ -38,9 +39,7 @@ WORKER = textwrap.dedent('''
 
     res = {'init': model().state_dict()}
     for name,(mod,cls,kw) in OPTS.items():
-        try: C = getattr(importlib.import_module(mod), cls)
-        except (ImportError, AttributeError) as e:
-            res[name] = {'missing': f"{mod}.{cls}: {e}"}; continue
+        C = getattr(importlib.import_module(mod), cls)
         m = model()
         net = nn.parallel.DistributedDataParallel(m) if ws > 1 else m
         opt = C(m.parameters(), lr=1e-2, **kw)
@@ -59,12 +58,8 @@ WORKER = textwrap.dedent('''
     def _broadcast(self, t, rank): # fastai moves this tensor to CUDA for NCCL; gloo works on CPU tensors
         t = torch.tensor(t, dtype=torch.long); dist.broadcast(t, rank); return t.tolist()
     fd.DistributedDL._broadcast = _broadcast
-    try:
-        from fastai_ranger.ranger import ranger as opt_func
-        res['fastai_opt'] = 'fastai_ranger.ranger.ranger'
-    except ImportError:
-        from fastai.optimizer import ranger as opt_func
-        res['fastai_opt'] = 'fastai.optimizer.ranger (fastai_ranger.ranger missing)'
+    from fastai_ranger.ranger import ranger as opt_func
+    res['fastai_opt'] = 'fastai_ranger.ranger.ranger'
     items = [(x,y) for x,y in zip(X[:64], Y[:64])]
     bs = 16//ws
     if ws == 1: # the order DistributedDL produces: rank 0 takes items 0-31, rank 1 items 32-63, batch i = both ranks' batch i
@@ -85,11 +80,6 @@ def _free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
-def _env(**kw):
-    env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='', **{k:str(v) for k,v in kw.items()})
-    env['PYTHONPATH'] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get('PYTHONPATH', '')
-    return env
-
 @pytest.fixture(scope='module')
 def results(tmp_path_factory):
     "Run the worker as 2 DDP ranks plus 1 single process (all at once), return their saved results"
@@ -97,10 +87,10 @@ def results(tmp_path_factory):
     (d/'worker.py').write_text(WORKER)
     port = _free_port()
     cmd = [sys.executable, str(d/'worker.py'), str(d)]
-    procs = [subprocess.Popen(cmd, env=_env(RANK=r, LOCAL_RANK=r, WORLD_SIZE=2, LOCAL_WORLD_SIZE=2,
+    procs = [subprocess.Popen(cmd, env=child_env(RANK=r, LOCAL_RANK=r, WORLD_SIZE=2, LOCAL_WORLD_SIZE=2,
                                            MASTER_ADDR='127.0.0.1', MASTER_PORT=port),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    procs.append(subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    procs.append(subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = []
     try:
         for p in procs: outs.append(p.communicate(timeout=240)[0])
@@ -111,16 +101,8 @@ def results(tmp_path_factory):
     load = lambda f: torch.load(d/f, weights_only=True)
     return load('rank0_ws2.pth'),load('rank1_ws2.pth'),load('rank0_ws1.pth')
 
-def _flat(o, pre=''):
-    if isinstance(o, torch.Tensor): yield pre, o
-    elif isinstance(o, dict):
-        for k,v in o.items(): yield from _flat(v, f"{pre}/{k}")
-    elif isinstance(o, (list, tuple)):
-        for i,v in enumerate(o): yield from _flat(v, f"{pre}/{i}")
-    elif isinstance(o, (int, float)) and not isinstance(o, bool): yield pre, torch.tensor(o)
-
 def _check(r0, r1, single):
-    a,b,s = dict(_flat(r0)),dict(_flat(r1)),dict(_flat(single))
+    a,b,s = dict(flat_tensors(r0)),dict(flat_tensors(r1)),dict(flat_tensors(single))
     assert a.keys() == b.keys() == s.keys()
     assert any(k.startswith('/opt/') for k in a), 'no optimizer state saved'
     for k in a: # replicas: bitwise identical parameters and optimizer state
@@ -131,7 +113,6 @@ def _check(r0, r1, single):
 @pytest.mark.parametrize('name', ['adamw', 'ranger', 'ranger_lars', 'adan'])
 def test_ddp_torch_optimizer(results, name):
     r0,r1,single = results
-    if 'missing' in r0[name]: pytest.skip(f"optimizer not available yet: {r0[name]['missing']}")
     _check(r0[name], r1[name], single[name])
     assert not torch.equal(r0[name]['params']['0.weight'], r0['init']['0.weight']), "training did not move the weights"
 

@@ -12,18 +12,12 @@ from fastai.data.core import DataLoaders
 from fastai.torch_core import set_seed
 from fastai_ranger.ranger import ranger
 from fastai_ranger.ranger_lars import ranger_lars
+from fastai_ranger.adan import adan
 
-def _adan():
-    try: return importlib.import_module('fastai_ranger.adan').adan
-    except (ImportError, AttributeError): return None
-
-OPT_FUNCS = {'ranger': ranger, 'ranger_lars': ranger_lars, 'adan': _adan()}
+OPT_FUNCS = {'ranger': ranger, 'ranger_lars': ranger_lars, 'adan': adan}
 
 @pytest.fixture(params=list(OPT_FUNCS))
-def opt_func(request):
-    of = OPT_FUNCS[request.param]
-    if of is None: pytest.skip(f"fastai_ranger.adan.adan is not importable (module not written yet?)")
-    return of
+def opt_func(request): return OPT_FUNCS[request.param]
 
 def splitter(m): return [list(m[0].parameters()), list(m[1:].parameters())]
 
@@ -69,7 +63,10 @@ def test_fit_flat_cos_and_sgdr(opt_func):
     n = len(lrs)   # 8 batches: flat for 75 %, then cosine annealing
     assert all(l == pytest.approx(1e-2) for l in lrs[:int(0.75*n)]) and lrs[-1] < 0.6e-2
     assert all(math.isfinite(l) for l in learn.recorder.losses)
-    fit(learn, 'fit_sgdr', 2, 1, 1e-2)
+    fit(learn, 'fit_sgdr', 2, 1, 1e-2)   # cycles of 1 and 2 epochs (4 batches each): the lr restarts at batch 4
+    lrs = learn.recorder.lrs
+    assert len(lrs) == 12 and lrs[0] == pytest.approx(1e-2) and lrs[4] == pytest.approx(1e-2)
+    assert lrs[1] > lrs[2] > lrs[3] and lrs[5] > lrs[8] > lrs[11] and lrs[3] < lrs[4]
 
 def test_lr_find(opt_func):
     learn = learner(opt_func)

@@ -1,5 +1,5 @@
 "Forward/backward of every named model, the canonical training batch, and timm interop under a fastai Learner."
-import resource
+import math, resource
 import pytest, torch
 from torch import nn
 from fastai_ranger.models import MODELS, make_model, MaxBlurPool2d
@@ -22,14 +22,18 @@ def test_canonical_model_trains_batch32_at_128px():
     m = make_model('xse_resnext50', sa=True, pool='max', blurpool=True)
     x, y = torch.randn(32, 3, 128, 128), torch.randint(0, 10, (32,))
     opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
-    losses = []
-    for _ in range(1):
-        loss = nn.functional.cross_entropy(m(x), y)
-        opt.zero_grad(); loss.backward(); opt.step()
-        losses.append(loss.item())
+    w0 = [p.detach().clone() for p in m.parameters()]
+    loss = nn.functional.cross_entropy(m(x), y)
+    opt.zero_grad(); loss.backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in m.parameters()), "a parameter got no or a non-finite gradient"
+    opt.step()
     rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"losses {losses}, peak RSS of the test process {rss_gib:.2f} GiB")
-    assert all(torch.isfinite(torch.tensor(losses)))
+    print(f"loss {loss.item():.4f}, peak RSS of the test process {rss_gib:.2f} GiB")
+    assert math.isfinite(loss.item()) and 0 < loss.item() < 20, loss.item()
+    moved = [not torch.equal(a, p) for a,p in zip(w0, m.parameters())]
+    # fastai zero-initialises each residual branch's last BN weight, so step 1 reaches only part of the network: the head,
+    # the BN weights that gate each branch and the identity path; a broken graph would leave (nearly) all of them unchanged
+    assert moved[-2] and moved[-1] and sum(moved) >= 40, f"the step moved {sum(moved)} of {len(moved)} tensors"
     assert rss_gib < 12, "canonical model at bs 32 / 128 px should fit comfortably in 24 GiB"
 
 def test_timm_mish_model_under_fastai_learner():

@@ -4,6 +4,7 @@ resumes with 2 processes to the same bits as the uninterrupted run; `accelerate 
 `--multi_gpu` (which starts one process on a machine without GPUs) is refused instead of training alone."""
 import json, os, shutil, signal, socket, subprocess, sys, time, uuid
 from pathlib import Path
+from conftest import child_env
 import pytest, torch
 
 pytestmark = pytest.mark.skipif(sys.platform == 'win32', reason='needs POSIX signals and /proc')
@@ -18,11 +19,7 @@ def _port():
         s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
 def _env(tmp, tag=''):
-    env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='', PYTHONWARNINGS='ignore', MPLBACKEND='Agg',
-               FASTAI_RANGER_SAMPLE=str(tmp/'samples'), FR_TEST_TAG=tag, PYTHONUNBUFFERED='1')
-    env.pop('FASTAI_RANGER_DEBUG', None)
-    env['PYTHONPATH'] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get('PYTHONPATH', '')
-    return env
+    return child_env(PYTHONWARNINGS='ignore', FASTAI_RANGER_SAMPLE=tmp/'samples', FR_TEST_TAG=tag)
 
 def _torchrun(*args, base=ARGS): return [sys.executable, '-m', 'torch.distributed.run', '--nnodes', '1', '--nproc_per_node', '2',
                                          '--master_addr', '127.0.0.1', '--master_port', str(_port()), *base, *args]

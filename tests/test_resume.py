@@ -2,6 +2,7 @@
 import importlib, json, os, re, signal, subprocess, sys, textwrap, time
 from pathlib import Path
 import pytest, torch
+from conftest import child_env, flat_tensors
 
 pytestmark = pytest.mark.skipif(sys.platform == 'win32', reason='needs POSIX signals')
 
@@ -62,27 +63,18 @@ OPTS = ['fastai_ranger.ranger:ranger', 'fastai_ranger.adan:adan', 'fastai_ranger
 EPOCHS, KILL_EPOCH = 3, 1 # B is killed in epoch KILL_EPOCH (0-based), after the checkpoint of epoch KILL_EPOCH-1
 
 
-def _env():
-    env = dict(os.environ, PYTHONHASHSEED='0', OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
-    env['PYTHONPATH'] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get('PYTHONPATH', '')
-    return env
-
-def _need(modname):
-    try: importlib.import_module(modname)
-    except ImportError as e: pytest.skip(f"{modname} is not available yet: {e}")
-
 def _ckpt_epoch(d):
     f = Path(d)/'last.pth'
     return torch.load(f, weights_only=True)['epoch'] if f.exists() else None
 
 def _run(cmd, timeout=120):
-    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, f"{cmd} failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
     return r
 
 def _kill_mid_epoch(cmd, epoch, it=2, timeout=120):
     "Start `cmd`, SIGKILL it when it reports training batch `it` of `epoch`; returns the killed process"
-    p = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     t0 = time.time()
     try:
         for line in p.stdout:
@@ -96,17 +88,10 @@ def _kill_mid_epoch(cmd, epoch, it=2, timeout=120):
     assert p.returncode == -signal.SIGKILL, p.returncode
     return p
 
-def _flat(sd, pre=''):
-    if isinstance(sd, torch.Tensor): yield pre, sd
-    elif isinstance(sd, dict):
-        for k,v in sd.items(): yield from _flat(v, f"{pre}/{k}")
-    elif isinstance(sd, (list, tuple)):
-        for i,v in enumerate(sd): yield from _flat(v, f"{pre}/{i}")
-
 def _assert_same_final(da, db):
     fa,fb = torch.load(Path(da)/'final.pth', weights_only=True),torch.load(Path(db)/'final.pth', weights_only=True)
     for k,v in fa['model'].items(): assert torch.equal(v, fb['model'][k]), f"weights differ after resume: {k}"
-    ta,tb = dict(_flat(fa['opt'])),dict(_flat(fb['opt']))
+    ta,tb = dict(flat_tensors(fa['opt'])),dict(flat_tensors(fb['opt']))
     assert ta.keys() == tb.keys()
     for k in ta: assert torch.equal(ta[k], tb[k]), f"optimizer state differs after resume: {k}"
     assert fa['lrs'] == fb['lrs'], "learning-rate schedule differs after resume"
@@ -115,7 +100,6 @@ def _assert_same_final(da, db):
 
 @pytest.mark.parametrize('opt', OPTS)
 def test_kill_and_resume_script(opt, tmp_path):
-    _need(opt.split(':')[0])
     script = tmp_path/'train.py'; script.write_text(SCRIPT)
     da,db = tmp_path/'a',tmp_path/'b'
     base = [sys.executable, str(script), '--opt', opt, '--epochs', str(EPOCHS)]
@@ -139,7 +123,7 @@ def test_kill_during_save_keeps_previous(tmp_path):
             def __reduce__(self): os.kill(os.getpid(), signal.SIGKILL)
         atomic_torch_save({{'epoch': 2, 'w': torch.zeros(1_000_000), 'k': Kill()}}, {str(tmp_path/'last.pth')!r})
     ''')
-    r = subprocess.run([sys.executable, '-c', code], env=_env(), capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, '-c', code], env=child_env(), capture_output=True, text=True, timeout=60)
     assert r.returncode == -signal.SIGKILL, r.stderr
     c = torch.load(tmp_path/'last.pth', weights_only=True)
     assert c['epoch'] == 1 and torch.equal(c['w'], torch.ones(3))
@@ -157,7 +141,7 @@ def _cli(*args): return [sys.executable, '-m', 'fastai_ranger.train', *CLI_ARGS,
 
 def _kill_on_output(cmd, pattern, timeout=180):
     "Start `cmd`, SIGKILL it as soon as its (unbuffered) output matches `pattern`"
-    p = subprocess.Popen(cmd, env=dict(_env(), PYTHONUNBUFFERED='1'), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    p = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     buf,t0,rx = b'',time.time(),re.compile(pattern.encode())
     try:
         while True:
@@ -174,7 +158,6 @@ def _kill_on_output(cmd, pattern, timeout=180):
     return buf.decode(errors='replace')
 
 def test_kill_and_resume_cli(tmp_path):
-    _need('fastai_ranger.train')
     da,db = tmp_path/'a',tmp_path/'b'
     _run(_cli('--opt', 'ranger', '--out', str(da), '--quiet'), timeout=180)
     _kill_on_output(_cli('--opt', 'ranger', '--out', str(db)),
@@ -190,7 +173,7 @@ def test_kill_and_resume_cli(tmp_path):
     ca,cb = torch.load(da/'run0'/'last.pth', weights_only=True),torch.load(db/'run0'/'last.pth', weights_only=True)
     assert ca['epoch'] == cb['epoch'] == CLI_EPOCHS
     for k,v in ca['model'].items(): assert torch.equal(v, cb['model'][k]), f"weights differ after resume: {k}"
-    ta,tb = dict(_flat(ca['opt'])),dict(_flat(cb['opt']))
+    ta,tb = dict(flat_tensors(ca['opt'])),dict(flat_tensors(cb['opt']))
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), "optimizer state differs after resume"
     assert ca['recorder']['lrs'] == cb['recorder']['lrs'], "learning-rate schedule differs after resume"
     ra,rb = json.loads((da/'results.json').read_text()),json.loads((db/'results.json').read_text())

@@ -4,6 +4,7 @@ folder cases call `train` in this process (fast); what needs a real process (exi
 a lock held by another process) goes through the CLI."""
 import errno, json, os, shutil, signal, subprocess, sys, textwrap, time
 from pathlib import Path
+from conftest import child_env, run_all
 import pytest, torch
 
 pytestmark = pytest.mark.skipif(sys.platform == 'win32', reason='needs POSIX signals and fcntl')
@@ -176,12 +177,7 @@ WRAP = textwrap.dedent('''
     runpy.run_module('fastai_ranger.train', run_name='__main__')
 ''')
 
-def _env(tmp):
-    env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='', PYTHONWARNINGS='ignore', MPLBACKEND='Agg',
-               FASTAI_RANGER_SAMPLE=str(tmp/'samples'))
-    env.pop('FASTAI_RANGER_DEBUG', None)
-    env['PYTHONPATH'] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get('PYTHONPATH', '')
-    return env
+def _env(tmp): return child_env(PYTHONWARNINGS='ignore', FASTAI_RANGER_SAMPLE=tmp/'samples')
 
 @pytest.fixture(scope='module')
 def cli(tmp):
@@ -194,17 +190,7 @@ def cli(tmp):
         'enospc': py + [str(tmp/'wrap.py'), 'enospc', *CLI_TINY, '--epochs', '2', '--out', str(tmp/'full')],
         'sigint': py + [str(tmp/'wrap.py'), 'sigint', *CLI_TINY, '--epochs', '2', '--out', str(tmp/'ctrlc')],
     }
-    procs = {}
-    for k,c in cases.items():
-        procs[k] = subprocess.Popen(c, env=_env(tmp), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        if k == 'lock1': time.sleep(0.5)
-    res = {}
-    try:
-        for k,p in procs.items(): o,e = p.communicate(timeout=600); res[k] = (p.returncode, o, e)
-    finally:
-        for p in procs.values():
-            if p.poll() is None: p.kill()
-    return res
+    return run_all(cases, _env(tmp), timeout=600, stagger={'lock1': 0.5}) # the second run starts 0.5 s after the first
 
 def _one_line_error(r, contains):
     rc,o,e = r

@@ -7,12 +7,7 @@ from fastai_ranger.ranger import Ranger
 from fastai_ranger.ranger_lars import RangerLARS
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    "Small tensors: one thread avoids OpenMP spin-waits on a busy CI machine"
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread') # small tensors: one thread avoids OpenMP spin-waits on a busy CI machine
 
 
 def _model(seed=0):
