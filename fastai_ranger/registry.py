@@ -53,6 +53,7 @@ class OptSpec:
     wd:float=1e-2 # Default (decoupled) weight decay
     sched:str='flat_cos' # Schedule the recipes pair it with
     timm:dict=field(default_factory=dict) # timm optimizer names -> extra defaults they imply
+    words:float=7 # fp32 words a step reads + writes per element, Lookahead syncs aside (AdamW: p, g, m, v read; p, m, v written)
 
     def func(self):
         "The `opt_func` itself"
@@ -72,6 +73,14 @@ class OptSpec:
     def lookahead(self) -> bool:
         "Whether it keeps Lookahead slow weights (so `alpha` schedules apply)"
         return 'alpha' in self.hypers()
+    @property
+    def ours(self) -> bool:
+        "Whether this package implements it (the tests and benchmarks check these against references)"
+        return self.opt_func.startswith('fastai_ranger.')
+    @property
+    def step_words(self) -> float:
+        "fp32 words moved per element and step, a Lookahead sync (read p, slow; write both) every `k` steps included"
+        return self.words + (4/self.hypers()['k'] if self.lookahead else 0)
 
 # %% ../nbs/07_registry.ipynb #e9ef8e47
 OPTS = {s.name:s for s in (
@@ -80,10 +89,10 @@ OPTS = {s.name:s for s in (
             timm=dict(ranger={}, franger={})),
     OptSpec('ranger_lars', 'fastai_ranger.ranger_lars.ranger_lars', 'fastai_ranger.ranger_lars.RangerLARS',
             'RangerLARS (Over9000): Lookahead + RAdam + LARS trust ratio', lr=1e-2, sched='flat_cos',
-            timm=dict(rangerlars={}, frangerlars={})),
+            timm=dict(rangerlars={}, frangerlars={}), words=10),  # a second pass for the trust ratio: p and the step again
     OptSpec('adan', 'fastai_ranger.adan.adan', 'fastai_ranger.adan.Adan',
             'Adan: adaptive Nesterov momentum (sail-sg algorithm)', lr=1.5e-2, wd=2e-2, sched='one_cycle',
-            timm=dict(fradan=dict(no_prox=False), fradanw=dict(no_prox=True))),
+            timm=dict(fradan=dict(no_prox=False), fradanw=dict(no_prox=True)), words=11), # p, g + 4 moments read, p + 4 written
     OptSpec('adam', 'fastai.optimizer.Adam', None, "fastai's Adam (the fastai default)", lr=3e-3, sched='one_cycle'),
     OptSpec('fastai_ranger', 'fastai.optimizer.ranger', None, "fastai's own ranger (the reference we compare with)",
             lr=4e-3, sched='flat_cos'),

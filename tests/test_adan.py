@@ -57,7 +57,9 @@ def _compare(n_steps, dtype, tol, hp, **opt_kw):
     "Train a package-optimised model and an independently optimised copy side by side; compare the weights"
     model, x, y = _problem(dtype)
     twin = copy.deepcopy(model)
+    route = opt_kw.pop('route', None)
     opt = Adan(model.parameters(), **hp, **opt_kw)
+    opt.engine.route = route   # the engine's switch: 'gpu' runs the GPU route (all tensors in one flat kernel call) on CPU tensors
     st, worst = {}, 0.
     for k in range(n_steps):
         _grads(model, x, y, k); opt.step()
@@ -82,9 +84,9 @@ SETTINGS = [dict(no_prox=False, max_grad_norm=0., weight_decay=0.02),
 def _hp(s): return dict(lr=3e-3, betas=(0.98, 0.92, 0.99), eps=1e-8, **s)
 
 
-# every setting on the default fast path; the reference path and the compiled kernel on two settings each
+# every setting on the default fast path; the reference path, the compiled kernel and the GPU route on two settings each
 CASES = [(s, dict()) for s in SETTINGS] + [(SETTINGS[i], dict(foreach=False)) for i in (1, 2)] + \
-        [(SETTINGS[i], dict(fused=True)) for i in (0, 3)]
+        [(SETTINGS[i], dict(fused=True)) for i in (0, 3)] + [(SETTINGS[i], dict(route='gpu')) for i in (1, 2)]
 
 
 @pytest.mark.parametrize("setting,path", CASES)

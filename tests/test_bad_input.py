@@ -1,9 +1,10 @@
 """Every bad input ends with a clear message naming the problem: through the CLI (`python -m fastai_ranger.train`,
 exit status 1, no traceback) where the CLI can express it, through the API otherwise."""
-import importlib, json, os, shutil, subprocess, sys, warnings
+import json, shutil, sys
 from pathlib import Path
 import pytest, torch
 from conftest import child_env, run_all
+from fastai_ranger.registry import OPTS
 from torch import nn
 
 SMALL = ['--size', '32', '--bs', '4', '--epochs', '1', '--workers', '0', '--device', 'cpu', '--quiet']
@@ -132,9 +133,7 @@ def test_nonfinite_loss_keeps_last_good_checkpoint(tmp_path):
     fresh = _tiny_learner(opt_func, [CheckpointCallback(tmp_path)])
     assert load_checkpoint(fresh, tmp_path) == 1
 
-OPTS = [('fastai_ranger.ranger', 'Ranger', {}), ('fastai_ranger.ranger_lars', 'RangerLARS', {}), ('fastai_ranger.adan', 'Adan', {})]
-
-def _opt_cls(mod, cls): return getattr(importlib.import_module(mod), cls)
+OURS = [s for s in OPTS.values() if s.ours] # every optimizer of this package, from the registry
 
 def _model():
     torch.manual_seed(0)
@@ -151,13 +150,13 @@ def _step(opt, model, grads):
 def _state_tensors(opt):
     return {f"{i}/{k}": v.clone() for i,s in enumerate(opt.state_dict()['state'].values()) for k,v in s.items() if torch.is_tensor(v)}
 
-@pytest.mark.parametrize('mod,cls,kw', OPTS, ids=[o[1] for o in OPTS])
-def test_nonfinite_grad_skip(mod, cls, kw):
+@pytest.mark.parametrize('spec', OURS, ids=[s.name for s in OURS])
+def test_nonfinite_grad_skip(spec):
     "With nonfinite='skip' a NaN/inf gradient step is a no-op: the run equals the same run without that step"
-    C = _opt_cls(mod, cls)
+    C = spec.cls()
     gs = _grads(7)
     ma,mb = _model(),_model()
-    oa,ob = C(ma.parameters(), lr=1e-2, nonfinite='skip', **kw),C(mb.parameters(), lr=1e-2, nonfinite='skip', **kw)
+    oa,ob = C(ma.parameters(), lr=1e-2, nonfinite='skip'),C(mb.parameters(), lr=1e-2, nonfinite='skip')
     for g in gs[:5]: _step(oa, ma, g); _step(ob, mb, g)
     before = _state_tensors(oa)
     bad = [g.clone() for g in gs[5]]; bad[0][0,0] = float('nan'); bad[2][1] = float('inf')
@@ -170,14 +169,14 @@ def test_nonfinite_grad_skip(mod, cls, kw):
     sa,sb = _state_tensors(oa),_state_tensors(ob)
     assert all(torch.equal(sa[k], sb[k]) and sa[k].isfinite().all() for k in sa)
 
-@pytest.mark.parametrize('mod,cls,kw', OPTS, ids=[o[1] for o in OPTS])
-def test_nonfinite_grad_raise(mod, cls, kw):
+@pytest.mark.parametrize('spec', OURS, ids=[s.name for s in OURS])
+def test_nonfinite_grad_raise(spec):
     "With nonfinite='raise' a NaN gradient raises NonFiniteGradientError and touches nothing"
     from fastai_ranger.core import NonFiniteGradientError
-    C = _opt_cls(mod, cls)
+    C = spec.cls()
     gs = _grads(3)
     m = _model()
-    o = C(m.parameters(), lr=1e-2, nonfinite='raise', **kw)
+    o = C(m.parameters(), lr=1e-2, nonfinite='raise')
     for g in gs[:2]: _step(o, m, g)
     w,st = [p.detach().clone() for p in m.parameters()],_state_tensors(o)
     bad = [g.clone() for g in gs[2]]; bad[1][0] = float('nan')
@@ -186,7 +185,7 @@ def test_nonfinite_grad_raise(mod, cls, kw):
     st2 = _state_tensors(o); assert all(torch.equal(st[k], st2[k]) for k in st)
 
 def test_nonfinite_mode_validated():
-    C = _opt_cls('fastai_ranger.ranger', 'Ranger')
+    from fastai_ranger.ranger import Ranger as C
     with pytest.raises(ValueError, match='Invalid nonfinite'): C(_model().parameters(), nonfinite='ignore')
 
 def test_resume_errors(tmp_path):

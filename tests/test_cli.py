@@ -1,5 +1,5 @@
 "The training CLI end to end, in subprocesses: real images (mini Imagenette) and the generated sample, results checked for content"
-import json, math, os, shutil, subprocess, sys
+import json, math, subprocess, sys
 from pathlib import Path
 import pandas as pd, pytest
 from conftest import child_env, run_all

@@ -1,8 +1,7 @@
 "Data: dataset layouts, the generated sample, the recipe transforms and bad images, on the real mini Imagenette and on the sample"
-import os, shutil, tarfile, warnings
+import shutil, tarfile
 from pathlib import Path
 import numpy as np, pandas as pd, pytest, torch
-from PIL import Image
 from fastai_ranger.data import *
 from fastai_ranger.data import _draw
 

@@ -1,10 +1,10 @@
 """Data-parallel training with 2 CPU processes (torch.distributed, gloo): replicas stay identical and match
 single-process training on the same global batch, for Ranger, RangerLARS and Adan, through plain torch DDP and
 through fastai's `distrib_ctx`."""
-import os, socket, subprocess, sys, textwrap
-from pathlib import Path
+import socket, subprocess, sys, textwrap
 import pytest, torch
 from conftest import child_env, flat_tensors
+from fastai_ranger.registry import OPTS
 
 # Tolerance between the 2-process run and the single-process run on the same global batch. The gradients are the
 # same average, summed in a different order (all-reduce of two half-batch means vs one full-batch mean), so they
@@ -23,10 +23,9 @@ WORKER = textwrap.dedent('''
     rank,ws = int(os.environ.get('RANK', 0)),int(os.environ.get('WORLD_SIZE', 1))
     if ws > 1: dist.init_process_group('gloo')
 
-    OPTS = {'adamw':       ('torch.optim', 'AdamW', {}), # control: shows the harness itself is sound
-            'ranger':      ('fastai_ranger.ranger', 'Ranger', {}),
-            'ranger_lars': ('fastai_ranger.ranger_lars', 'RangerLARS', {}),
-            'adan':        ('fastai_ranger.adan', 'Adan', {})}
+    from fastai_ranger.registry import OPTS as REGISTRY
+    OPTS = {'adamw': torch.optim.AdamW, # control: shows the harness itself is sound
+            **{s.name: s.cls() for s in REGISTRY.values() if s.ours}}
     STEPS,GB = 8,16 # 8 steps: more than Lookahead's k=6, so one slow-weight sync happens
 
     def model():
@@ -38,11 +37,10 @@ WORKER = textwrap.dedent('''
     X,Y = torch.randn(STEPS*GB, 3, 8, 8, generator=g),torch.randint(0, 5, (STEPS*GB,), generator=g)
 
     res = {'init': model().state_dict()}
-    for name,(mod,cls,kw) in OPTS.items():
-        C = getattr(importlib.import_module(mod), cls)
+    for name,C in OPTS.items():
         m = model()
         net = nn.parallel.DistributedDataParallel(m) if ws > 1 else m
-        opt = C(m.parameters(), lr=1e-2, **kw)
+        opt = C(m.parameters(), lr=1e-2)
         per = GB//ws
         for s in range(STEPS): # rank r gets its slice of the global batch s
             sl = slice(s*GB + rank*per, s*GB + (rank+1)*per)
@@ -110,7 +108,7 @@ def _check(r0, r1, single):
     for k in a: # DDP == single process on the global batch
         torch.testing.assert_close(a[k].double(), s[k].double(), rtol=RTOL, atol=ATOL, msg=lambda m: f"{k}: {m}")
 
-@pytest.mark.parametrize('name', ['adamw', 'ranger', 'ranger_lars', 'adan'])
+@pytest.mark.parametrize('name', ['adamw'] + [s.name for s in OPTS.values() if s.ours])
 def test_ddp_torch_optimizer(results, name):
     r0,r1,single = results
     _check(r0[name], r1[name], single[name])

@@ -1,6 +1,5 @@
 "Every fastai feature the recipes rely on, with each of the package's opt_funcs, on a tiny CPU Learner."
-import importlib, io, math, random, warnings, pytest, torch
-from functools import partial
+import math, random, warnings, pytest, torch
 from torch import nn
 from torch.amp import GradScaler, autocast
 from torch.utils.data import TensorDataset
@@ -12,9 +11,9 @@ from fastai.data.core import DataLoaders
 from fastai.torch_core import set_seed
 from fastai_ranger.ranger import ranger
 from fastai_ranger.ranger_lars import ranger_lars
-from fastai_ranger.adan import adan
+from fastai_ranger.registry import OPTS
 
-OPT_FUNCS = {'ranger': ranger, 'ranger_lars': ranger_lars, 'adan': adan}
+OPT_FUNCS = {s.name: s.func() for s in OPTS.values() if s.ours} # every opt_func of this package, from the registry
 
 @pytest.fixture(params=list(OPT_FUNCS))
 def opt_func(request): return OPT_FUNCS[request.param]

@@ -2,7 +2,7 @@
 import math, resource
 import pytest, torch
 from torch import nn
-from fastai_ranger.models import MODELS, make_model, MaxBlurPool2d
+from fastai_ranger.models import MODELS, make_model
 
 @pytest.mark.parametrize('name', list(MODELS))
 @pytest.mark.parametrize('size', [64, 128])
@@ -39,8 +39,7 @@ def test_canonical_model_trains_batch32_at_128px():
 def test_timm_mish_model_under_fastai_learner():
     "A timm model with Mish activations trains under a fastai Learner with the package's ranger opt_func"
     import timm
-    from fastai.vision.all import Learner, DataLoaders, TfmdDL, accuracy, CrossEntropyLossFlat
-    from fastai.data.core import Datasets
+    from fastai.vision.all import Learner, DataLoaders, accuracy, CrossEntropyLossFlat
     from fastai_ranger.ranger import ranger
     torch.manual_seed(0)
     model = timm.create_model('resnet18', num_classes=4, act_layer=nn.Mish, pretrained=False)

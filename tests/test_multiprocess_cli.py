@@ -2,7 +2,7 @@
 `torchrun` start 2 processes that train identical replicas into one result folder; a run whose rank 1 is killed
 resumes with 2 processes to the same bits as the uninterrupted run; `accelerate launch --num_processes 2` without
 `--multi_gpu` (which starts one process on a machine without GPUs) is refused instead of training alone."""
-import json, os, shutil, signal, socket, subprocess, sys, time, uuid
+import json, os, signal, socket, subprocess, sys, time, uuid
 from pathlib import Path
 from conftest import child_env
 import pytest, torch

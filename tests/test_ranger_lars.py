@@ -112,3 +112,26 @@ def test_lars_wrapper_excludes_1d_and_restores_wd():
     # the 1-d BN bias got plain SGD with coupled decay (momentum buffer = grad + wd*w at step 1)
     assert torch.allclose(opt.state[m[1].bias]['momentum_buffer'], b + 1e-4*bn_w)
     assert opt.param_groups[0]['weight_decay'] == 1e-4
+
+def _routed(route, **kw):
+    def make(ps):
+        o = RangerLARS(ps, **kw); o.engine.route = route
+        return o
+    return make
+
+@pytest.mark.parametrize('trust', ['over9000', 'lamb'])
+def test_gpu_route_equals_independent_over9000(trust):
+    "The GPU route (flat rows, trust ratios on the device), selected on CPU tensors by the engine's switch"
+    lr, (b1, b2), eps, wd, k, a = HP['lr'], HP['betas'], HP['eps'], HP['weight_decay'], HP['k'], HP['alpha']
+    ours = trajectory(_routed('gpu', trust=trust, **HP), steps=60)
+    ref = trajectory(lambda ps: Over9000(ps, lr, b1, b2, eps, wd, k, a, trust), steps=60)
+    assert max_rel(ours, ref) < TOL
+
+def test_engines_are_per_optimizer():
+    "A failed (or switched) engine is its own optimizer's: no state shared between instances"
+    ps1, ps2 = list(model().parameters()), list(model().parameters())
+    o1, o2 = RangerLARS(ps1, **HP), RangerLARS(ps2, **HP)
+    o1.engine.fail(); o1.engine.route = 'gpu'
+    assert o1.engine is not o2.engine and not o2.engine.failed and o2.engine.route is None
+    assert all(a is not b for a, b in zip(o1.engine.kernels.values(), o2.engine.kernels.values()))
+    with pytest.raises(ValueError, match='route'): o2.engine.route = 'tpu'

@@ -1,5 +1,5 @@
 "Execute the leaderboard notebook (both datasets) on the generated sample, and the optimizer study on the real mini dataset"
-import json, os
+import json
 from pathlib import Path
 import pandas as pd
 import pytest, nbformat, nbclient

@@ -1,8 +1,9 @@
 "Kill-and-resume: a real training process is killed with SIGKILL mid-epoch, resumed, and must end bitwise equal to an uninterrupted run"
-import importlib, json, os, re, signal, subprocess, sys, textwrap, time
+import json, os, re, signal, subprocess, sys, textwrap, time
 from pathlib import Path
 import pytest, torch
 from conftest import child_env, flat_tensors
+from fastai_ranger.registry import OPTS as REGISTRY
 
 pytestmark = pytest.mark.skipif(sys.platform == 'win32', reason='needs POSIX signals')
 
@@ -59,7 +60,7 @@ SCRIPT = textwrap.dedent('''
     print("DONE", flush=True)
 ''')
 
-OPTS = ['fastai_ranger.ranger:ranger', 'fastai_ranger.adan:adan', 'fastai_ranger.ranger_lars:ranger_lars']
+OPTS = [':'.join(s.opt_func.rsplit('.', 1)) for s in REGISTRY.values() if s.ours] # module:opt_func of each of our optimizers
 EPOCHS, KILL_EPOCH = 3, 1 # B is killed in epoch KILL_EPOCH (0-based), after the checkpoint of epoch KILL_EPOCH-1
 
 

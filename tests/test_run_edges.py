@@ -2,8 +2,7 @@
 a batch larger than the data, two processes on one folder, a full disk and Ctrl-C during a checkpoint write. The
 folder cases call `train` in this process (fast); what needs a real process (exit status, one-line message, signals,
 a lock held by another process) goes through the CLI."""
-import errno, json, os, shutil, signal, subprocess, sys, textwrap, time
-from pathlib import Path
+import json, os, shutil, sys, textwrap
 from conftest import child_env, run_all
 import pytest, torch
 
