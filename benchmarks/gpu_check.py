@@ -464,12 +464,12 @@ def check_train(rep:Report, dev, kind:str, bs:int, size:int, warmup:int, steps:i
 # ---- 5. a real run ---------------------------------------------------------------------------------------------------
 def check_real(rep:Report, data:str, out:Path, smoke:bool, min_s:float):
     "`imagenette-128-5` on `data`, timed, its accuracy next to the leaderboard cell"
-    from fastai_ranger.train import train
+    from fastai_ranger.train import train_recipe
     if not smoke and rep.left() < min_s:
         rep.add('real', 'imagenette-128-5', 'SKIP', f"budget: {rep.left():.0f} s left, the run needs about {min_s:.0f} s"); return
     kw = dict(epochs=1, bs=8, max_train_batches=2, max_valid_batches=1, workers=0) if smoke else {}
     t0 = time.perf_counter()
-    res = train(recipe='imagenette-128-5', data=data, out=out/'imagenette-128-5', quiet=True, **kw)
+    res = train_recipe(recipe='imagenette-128-5', data=data, out=out/'imagenette-128-5', quiet=True, **kw)
     wall = time.perf_counter() - t0
     s,src = res['summary'],res.get('source', {})
     acc,target = s.get('accuracy_mean'),s.get('target') or LEADERBOARD_128_5

@@ -8,7 +8,7 @@ Docs: https://fastai-ranger.github.io/fastai-ranger/all.html.md"""
 __all__ = []
 
 # %% ../nbs/90_all.ipynb #cbc15d5c
-from .core import FastaiOptWrapper, NonFiniteGradientError
+from .core import FastaiOptWrapper, NonFiniteGradientError, CompileNotice
 from .lookahead import lookahead, SlowWeightsCallback
 from .ranger import Ranger, ranger
 from .ranger_lars import RangerLARS, ranger_lars, LARS, lars
@@ -20,21 +20,22 @@ from .data import (
     get_dls, get_sample, make_sample_dataset, SafePILImage, DataError, BadImageError, WNIDS, CLASS_NAMES)
 from .recipes import RECIPES, LEADERBOARD, get_recipe, find_recipe, recipes_table, RecipeError
 from .checkpoint import (
-    CheckpointCallback, ResumeCallback, load_checkpoint, NonFiniteLossCallback, NonFiniteLossError)
-from .train import train
+    CheckpointCallback, ResumeCallback, load_checkpoint, CheckpointError, NonFiniteLossCallback, NonFiniteLossError)
+from .registry import OPTS, get_opt_func, fit_sched
+from .train import train_recipe
 
 # %% ../nbs/90_all.ipynb #16f14e53
 __all__ = [
     # optimizers: torch classes and fastai opt_funcs
     'Ranger', 'ranger', 'RangerLARS', 'ranger_lars', 'Adan', 'adan', 'lookahead', 'LARS', 'lars', 'FastaiOptWrapper',
-    'NonFiniteGradientError', 'SlowWeightsCallback', 'register_timm',
+    'NonFiniteGradientError', 'SlowWeightsCallback', 'register_timm', 'CompileNotice', 'OPTS', 'get_opt_func',
     # schedules
-    'flat_cos_warmup_sched', 'alpha_sched', 'AlphaScheduler',
+    'flat_cos_warmup_sched', 'alpha_sched', 'AlphaScheduler', 'fit_sched',
     # models
     'MODELS', 'make_model', 'MaxBlurPool2d', 'convert_maxpool_to_blurpool', 'trick_block',
     # data
     'get_dls', 'get_sample', 'make_sample_dataset', 'SafePILImage', 'DataError', 'BadImageError', 'WNIDS', 'CLASS_NAMES',
     # recipes and training
-    'RECIPES', 'LEADERBOARD', 'get_recipe', 'find_recipe', 'recipes_table', 'RecipeError', 'train',
-    'CheckpointCallback', 'ResumeCallback', 'load_checkpoint', 'NonFiniteLossCallback', 'NonFiniteLossError',
+    'RECIPES', 'LEADERBOARD', 'get_recipe', 'find_recipe', 'recipes_table', 'RecipeError', 'train_recipe',
+    'CheckpointCallback', 'ResumeCallback', 'load_checkpoint', 'CheckpointError', 'NonFiniteLossCallback', 'NonFiniteLossError',
 ]

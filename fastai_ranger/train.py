@@ -38,7 +38,7 @@ __all__ = ['PRECISIONS', 'ACTS', 'RUN_DEFAULTS', 'OPT_HYPERS', 'RESULT_COLS', 'R
            'default_workers', 'StepProfile', 'profile_text', 'profile_run', 'FolderLock', 'write_text_atomic',
            'run_started', 'check_new_out', 'local_device', 'setup_processes', 'on_rank0', 'ddp_ctx', 'state_digest',
            'replica_digests', 'launcher_mismatch', 'train_run', 'summarize', 'summary_text', 'save_plots',
-           'write_results', 'train', 'print_list', 'cli_parser', 'main']
+           'write_results', 'train_recipe', 'print_list', 'cli_parser', 'main']
 
 # %% ../nbs/23_train.ipynb #ec7778ea
 PRECISIONS = ('fp32','fp16','bf16')
@@ -623,7 +623,7 @@ def _claim(out:Path, cfg, dls, resume:bool, lock:list):
     if not resume or {k:v for k,v in saved.items() if k!='source'} != {k:v for k,v in new.items() if k!='source'}:
         write_text_atomic(out/'config.json', json.dumps(new, indent=1))
 
-def train(recipe:str=None, # Recipe name (see `RECIPES`)
+def train_recipe(recipe:str=None, # Recipe name (see `RECIPES`)
           dataset:str=None, size:int=None, epochs:int=None, # Or a cell: dataset, image size, epochs
           out=None, # Output folder (default: runs/<recipe>-<time>)
           resume=None, # Folder of an interrupted run to continue (its config.json is used)
@@ -756,7 +756,7 @@ def _cli(recipe:str=None, # Recipe name (--list shows them)
                    max_valid_batches=max_valid_batches, **{k_:v for k_,v in hp.items() if k_ in RUN_DEFAULTS})
         # a resume gets only the flags that were given (not their defaults): it accepts some and names the others
         kw.update(run if resume is None else {k_:v for k_,v in run.items() if v != RUN_DEFAULTS[k_]})
-        train(recipe, dataset, size, epochs, out=out, resume=resume, quiet=quiet, **kw)
+        train_recipe(recipe, dataset, size, epochs, out=out, resume=resume, quiet=quiet, **kw)
     except KeyboardInterrupt:
         where = resume or out or _LAST_OUT.get('out') or '<the --out folder>'
         if rank == 0: print(f"\nInterrupted. Continue with: fastai-ranger-train --resume {where}", file=sys.stderr)

@@ -38,11 +38,11 @@ def test_all_resolves_and_adds_only_all(star):
 def test_public_api_only(star):
     "The CLI's and the fast paths' helpers stay in their modules; the model factory has a name of its own"
     exported = set(star['exported'])
-    for n in ['fit', 'train_run', 'main', 'summarize', 'alias', 'Compiled', 'FlatState', 'Lookahead', 'get_model',
+    for n in ['fit', 'train', 'train_run', 'main', 'summarize', 'alias', 'Compiled', 'FlatState', 'Lookahead', 'get_model',
               'find_bs', 'atomic_save']:
         assert n not in exported, n
     for n in ['Ranger', 'ranger', 'RangerLARS', 'ranger_lars', 'LARS', 'lars', 'Adan', 'adan', 'lookahead', 'make_model',
-              'get_dls', 'get_recipe', 'RECIPES', 'CheckpointCallback', 'ResumeCallback', 'train']:
+              'get_dls', 'get_recipe', 'RECIPES', 'CheckpointCallback', 'ResumeCallback', 'train_recipe', 'fit_sched']:
         assert n in exported, n
 
 def test_models_get_model_alias():
@@ -51,8 +51,6 @@ def test_models_get_model_alias():
 
 def _params(f): return inspect.signature(f).parameters
 
-@pytest.mark.xfail(strict=True, reason="fastai_ranger.ranger.ranger lacks fastai's `beta`/`decouple_wd` and orders "
-                                       "`wd` after `sqr_mom`; remove this mark once nbs/02_ranger matches fastai's signature")
 @pytest.mark.parametrize('name', sorted(ALLOWED))
 def test_allowed_replacements_are_drop_in(name):
     "A replaced name accepts every argument of fastai's, positional ones in fastai's order"

@@ -91,7 +91,7 @@ def test_two_processes_one_folder_identical_replicas(runs):
     assert state_digest(c['model'], c['opt']) == rep['digests'][0], "the digests do not describe the saved state"
     # one result folder, written once: only rank 0 creates, writes and prints
     assert sorted(p.name for p in runs['tmp'].iterdir() if p.name != 'samples') == ['a', 'b'], list(runs['tmp'].iterdir())
-    assert sorted(p.name for p in da.iterdir()) == ['.lock', 'accuracy.png', 'config.json', 'loss.png', 'results.csv', 'results.json', 'run0']
+    assert sorted(p.name for p in da.iterdir()) == ['.lock', 'accuracy.png', 'config.json', 'loss.png', 'results.csv', 'results.json', 'results.md', 'run0']
     assert out.count('recipe sample-quick:') == 1 and out.count('results: ') == 1, out[-3000:]
     assert len(_epochs(da)) == EPOCHS
 

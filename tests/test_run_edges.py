@@ -1,6 +1,6 @@
 """The edges of a run: a run stopped after its last checkpoint, checkpoints that are not the run's, stuck folders,
 a batch larger than the data, two processes on one folder, a full disk and Ctrl-C during a checkpoint write. The
-folder cases call `train` in this process (fast); what needs a real process (exit status, one-line message, signals,
+folder cases call `train_recipe` in this process (fast); what needs a real process (exit status, one-line message, signals,
 a lock held by another process) goes through the CLI."""
 import json, os, shutil, sys, textwrap
 from conftest import child_env, run_all
@@ -22,8 +22,8 @@ def tmp(tmp_path_factory):
     else: os.environ['FASTAI_RANGER_SAMPLE'] = old
 
 def _train(**kw):
-    from fastai_ranger.train import train
-    return train('sample-quick', quiet=True, **{**TINY, **kw})
+    from fastai_ranger.train import train_recipe
+    return train_recipe('sample-quick', quiet=True, **{**TINY, **kw})
 
 @pytest.fixture(scope='module')
 def base(tmp):
@@ -38,8 +38,8 @@ def _copy(base, name, tmp, unfinish=True):
     return d
 
 def _resume(d, **kw):
-    from fastai_ranger.train import train
-    return train(resume=d, quiet=True, **kw)
+    from fastai_ranger.train import train_recipe
+    return train_recipe(resume=d, quiet=True, **kw)
 
 def _tamper(d, f):
     c = torch.load(d/'run0'/'last.pth', weights_only=True)
