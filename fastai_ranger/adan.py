@@ -7,13 +7,14 @@ Docs: https://fastai-ranger.github.io/fastai-ranger/adan.html.md"""
 # %% ../nbs/04_adan.ipynb #3933fa3e
 from __future__ import annotations
 import math, warnings
+from dataclasses import dataclass, astuple
 import torch
 from torch import Tensor
 from fastcore.basics import *
 from .core import *
 
 # %% auto #0
-__all__ = ['adan_hp_map', 'Adan', 'AdanOptWrapper', 'adan']
+__all__ = ['adan_hp_map', 'AdanScalars', 'AdanEngine', 'Adan', 'AdanOptWrapper', 'adan']
 
 # %% ../nbs/04_adan.ipynb #33897efd
 _MOMENT_KEYS = ('exp_avg', 'exp_avg_diff', 'exp_avg_sq', 'prev_grad')
@@ -58,9 +59,33 @@ def _adan_single(p:Tensor, g:Tensor, state:dict, *, beta1, beta2, beta3, lr, eps
     prev.copy_(g)
 
 # %% ../nbs/04_adan.ipynb #471ccb3c
+@dataclass(frozen=True)
+class AdanScalars:
+    "The per-step scalars of `_adan_kernel`, by name: both weight-decay forms as p' = (a·p − lr·u)·rbdiv"
+    b1:float; b2:float; b3:float # β₁, β₂, β₃
+    st1:float # Step size of m: lr/(1−β₁ᵗ)
+    st2:float # Step size of v: lr·β₂/(1−β₂ᵗ)
+    rsbc3:float # 1/sqrt(1−β₃ᵗ)
+    eps:float
+    a:float # 1 − lr·wd for `no_prox`, else 1
+    rbdiv:float # 1/(1 + lr·wd) for the proximal form, else 1
+
+    @classmethod
+    def of(cls, beta1, beta2, beta3, lr, eps, wd, no_prox, t) -> AdanScalars:
+        "The scalars of step `t` (the keywords of `Adan._hp`)"
+        a,bdiv = (1-lr*wd, 1.) if no_prox else (1., 1+lr*wd)
+        return cls(beta1, beta2, beta3, lr/(1-beta1**t), lr*beta2/(1-beta2**t), 1/math.sqrt(1-beta3**t), eps, a, 1/bdiv)
+
+    def values(self) -> tuple:
+        "The scalars as Python floats: the GPU route's kernel arguments (symbolic in dynamo: no upload, no recompile)"
+        return astuple(self)
+    def tensor(self, ref:Tensor) -> Tensor:
+        "The scalars as one tensor like `ref` (CPU): the CPU route's kernel argument (a call with floats costs ~45 µs more there)"
+        return torch.tensor(self.values(), dtype=ref.dtype, device=ref.device)
+
 def _adan_kernel(p, g, m, v, n, prev, c, sc):
-    "One pass of Adan over flat tensors; `c` the clip factor, `sc` the per-step scalars (see `_kernel_scalars`)"
-    b1,b2,b3,st1,st2,rsbc3,eps,a,rbdiv = sc[0],sc[1],sc[2],sc[3],sc[4],sc[5],sc[6],sc[7],sc[8]
+    "One pass of Adan over flat tensors; `c` the clip factor (a 0-d tensor), `sc` the `AdanScalars` (as floats or a tensor)"
+    b1,b2,b3,st1,st2,rsbc3,eps,a,rbdiv = sc
     gf = g.to(m.dtype)*c
     d = gf - prev
     m2 = m*b1 + gf*(1-b1)
@@ -70,13 +95,6 @@ def _adan_kernel(p, g, m, v, n, prev, c, sc):
     denom = n2.sqrt()*rsbc3 + eps                      # one division per element: the rest are multiplications
     p2 = (p.to(m.dtype)*a - (m2*st1 + v2*st2)/denom)*rbdiv
     p.copy_(p2); m.copy_(m2); v.copy_(v2); n.copy_(n2); prev.copy_(gf)
-
-def _kernel_scalars(beta1, beta2, beta3, lr, eps, wd, no_prox, t):
-    "Per-step scalars for `_adan_kernel`: both weight-decay forms as p' = (a·p − lr·u)·(1/bdiv)"
-    a,bdiv = (1-lr*wd, 1.) if no_prox else (1., 1+lr*wd)
-    return [beta1, beta2, beta3, lr/(1-beta1**t), lr*beta2/(1-beta2**t), 1/math.sqrt(1-beta3**t), eps, a, 1/bdiv]
-
-_adan_compiled = Compiled(_adan_kernel, 'Adan')
 
 # %% ../nbs/04_adan.ipynb #83f16a4e
 def _adan_foreach(ps, gs, ms, vs, ns, prevs, *, beta1, beta2, beta3, lr, eps, wd, no_prox, t):
@@ -103,14 +121,53 @@ def _clip_factor(grads:list, max_norm:float, eps:float):
     "Global clip factor min(1, max_norm/(‖grads‖+eps)) as a 0-d tensor (float32, or float64 for float64 grads) on the first gradient's device"
     dev = grads[0].device
     dt = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
-    norms = [o.to(dev, dt) for o in torch._foreach_norm(grads)]
+    norms = torch._foreach_norm(grads)
+    if not all(o.device == dev and o.dtype == dt for o in norms): norms = [o.to(dev, dt) for o in norms]   # one op less per tensor otherwise
     total = torch.linalg.vector_norm(torch.stack(norms))
     return torch.clamp(max_norm/(total+eps), max=1.0)
 
 # %% ../nbs/04_adan.ipynb #b89cf8dd
+class AdanEngine(FastEngine):
+    "Adan's fast path: the compiled kernel on the CPU route (large tensors a call each, small ones one flat call) or the GPU route (all in one flat call)"
+    min_numel = 150_000  # CPU route: tensors this large get their own kernel call; smaller ones share a flat call
+    def __init__(self, fused:bool|None=None, route:str|None=None):
+        super().__init__('Adan', {'step': _adan_kernel}, route=route, compile=fused is not False, strict=fused is True)
+        self.fused,self.ones = fused,{}
+
+    def _one(self, ref:Tensor) -> Tensor:
+        "A 0-d 1 (the clip factor without clipping), made once per device and dtype"
+        k = (ref.device, ref.dtype)
+        if k not in self.ones: self.ones[k] = torch.ones((), dtype=ref.dtype, device=ref.device)
+        return self.ones[k]
+
+    def step(self, ps:list, sts:list, c:Tensor|None, sc:AdanScalars) -> list:
+        "The compiled kernel over one bucket (clip factor `c`, None for none); returns the indices it left to the multi-tensor path"
+        dev = ps[0].device
+        if not self.usable(dev): return list(range(len(ps)))
+        c = self._one(sts[0]['exp_avg']) if c is None else c if c.device == dev else c.to(dev)
+        if self.route_for(dev) == 'gpu': return [] if self._flat(ps, sts, c, sc.values()) else list(range(len(ps)))
+        big = [i for i,p in enumerate(ps) if p.numel() >= self.min_numel and p.is_contiguous() and p.grad.is_contiguous()]
+        rest = sorted(set(range(len(ps))) - set(big))
+        al,v = self.aliases,sc.tensor(sts[0]['exp_avg'])   # plain flat tensors: one compiled graph for all
+        for j,i in enumerate(big):
+            p,st = ps[i],sts[i]
+            self.run('step', al(p), alias(p.grad), *[al(st[k]) for k in _MOMENT_KEYS], c, v)
+            if self.failed: return big[j:] + rest
+        if self.fused is not True and sum(ps[i].numel() for i in rest) < self.min_numel: return rest
+        if rest and not self._flat([ps[i] for i in rest], [sts[i] for i in rest], c, v): return rest
+        return []
+
+    def _flat(self, ps, sts, c, sc) -> bool:
+        "One kernel call over many tensors whose moments live in flat buffers (see `FlatState`); False if the kernel failed"
+        fs = self.flat(ps, sts, _MOMENT_KEYS)
+        fp,fg = fs.gather()
+        self.run('step', fp, fg, *[fs.bufs[k] for k in _MOMENT_KEYS], c, sc)
+        if self.failed: return False
+        fs.scatter()
+        return True
+
 class Adan(torch.optim.Optimizer):
     "Adan (sail-sg reference algorithm, code beta convention) with reference, multi-tensor and compiled paths"
-    fused_min_numel = 150_000  # tensors this large get their own kernel call; smaller ones share a flat call
     def __init__(self, params,
                  lr:float=1e-3, # Learning rate
                  betas:tuple=(0.98,0.92,0.99), # (β₁, β₂, β₃) in the code convention (= 1 − the paper's)
@@ -120,7 +177,7 @@ class Adan(torch.optim.Optimizer):
                  max_grad_norm:float=0., # Global gradient-norm clipping (0 disables); p.grad is not modified
                  nonfinite:str|None=None, # None, 'skip' or 'raise': policy for inf/NaN gradients
                  foreach:bool|None=None, # False: reference per-tensor path; None/True: fast path
-                 fused:bool|None=None): # Compiled kernel: None where it pays off, True always, False never
+                 fused:bool|None=None): # Compiled kernel (`engine`): None where it pays off, True always, False never
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
                         weight_decay=weight_decay, no_prox=no_prox, max_grad_norm=max_grad_norm)
         _check_adan_group(defaults)
@@ -129,11 +186,24 @@ class Adan(torch.optim.Optimizer):
         check_hyper('fused', fused, fused in (None, True, False), "None, True or False")
         self.nonfinite,self.foreach,self.fused = nonfinite,foreach,fused
         super().__init__(params, defaults)
+        self.engine = AdanEngine(fused)
+
+    def __getstate__(self):
+        "torch's optimizer state plus the switches and the engine, so that `copy.deepcopy` and pickle keep them"
+        return {**super().__getstate__(), **{k: self.__dict__[k] for k in ('nonfinite', 'foreach', 'fused', 'engine') if k in self.__dict__}}
 
     def __setstate__(self, state):
         super().__setstate__(state)
         for g in self.param_groups:
             g.setdefault('no_prox', False); g.setdefault('max_grad_norm', 0.)
+        if 'engine' not in self.__dict__: self.engine = AdanEngine(self.__dict__.get('fused'))   # pickled before engines
+
+    @property
+    def fused_min_numel(self) -> int:
+        "Deprecated alias of `engine.min_numel`, kept for old scripts"
+        return self.engine.min_numel
+    @fused_min_numel.setter
+    def fused_min_numel(self, v:int): self.engine.min_numel = v
 
     @torch.no_grad()
     def restart_opt(self):
@@ -168,40 +238,6 @@ class Adan(torch.optim.Optimizer):
         b1,b2,b3 = grp['betas']
         return dict(beta1=b1, beta2=b2, beta3=b3, lr=grp['lr'], eps=grp['eps'], no_prox=grp['no_prox'],
                     wd=grp['weight_decay'] if takes_wd(st) else 0., t=st['step'])
-
-    def _use_kernel(self, p:Tensor) -> bool:
-        "Whether `p` goes through the compiled one-pass kernel on its own (else it joins the flat call)"
-        return p.numel() >= self.fused_min_numel and p.is_contiguous() and p.grad.is_contiguous()
-
-    def _kernel(self, dev):
-        "The compiled kernel if it may be used on `dev`, else None"
-        return None if self.fused is False or not _adan_compiled.usable(dev) else _adan_compiled
-
-    def _call_kernel(self, fn, *args) -> bool:
-        "Run the compiled kernel; False (after a one-time warning) if compilation does not work here (raise if `fused=True`)"
-        fn(*args, strict=self.fused is True)
-        return not fn.failed
-
-    def _step_kernel(self, fn, ps, sts, c, sc) -> list:
-        "Large tensors one kernel call each, the rest concatenated into one flat call; returns what it did not do"
-        big = [i for i,p in enumerate(ps) if self._use_kernel(p)]
-        rest = sorted(set(range(len(ps))) - set(big))
-        al = self.__dict__.setdefault('_aliases', AliasCache())   # plain flat tensors: one compiled graph for all
-        for j,i in enumerate(big):
-            p,st = ps[i],sts[i]
-            if not self._call_kernel(fn, al(p), alias(p.grad), *[al(st[k]) for k in _MOMENT_KEYS], c, sc):
-                return big[j:] + rest
-        if self.fused is not True and sum(ps[i].numel() for i in rest) < self.fused_min_numel: return rest
-        if rest and not self._flat_kernel(fn, [ps[i] for i in rest], [sts[i] for i in rest], c, sc): return rest
-        return []
-
-    def _flat_kernel(self, fn, ps, sts, c, sc) -> bool:
-        "One kernel call over many small tensors whose moments live in flat buffers (see `FlatState`)"
-        fs = flat_state(self.__dict__.setdefault('_flat', {}), ps, sts, _MOMENT_KEYS)
-        fp,fg = fs.gather()
-        if not self._call_kernel(fn, fp, fg, *[fs.bufs[k] for k in _MOMENT_KEYS], c, sc): return False
-        fs.scatter()
-        return True
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -238,14 +274,9 @@ class Adan(torch.optim.Optimizer):
         for (dev,_,_,_,_),(ps,grps) in buckets.items():
             sts = [self.state[p] for p in ps]
             hp = self._hp(grps[0], sts[0])
-            fn = self._kernel(dev)
-            if fn is not None:
-                sdt = sts[0]['exp_avg'].dtype
-                sc = torch.tensor(_kernel_scalars(**hp), dtype=sdt, device=dev)
-                cc = torch.ones((), dtype=sdt, device=dev) if c is None else c.to(dev)
-                left = self._step_kernel(fn, ps, sts, cc, sc)
-                ps,sts = [ps[i] for i in left],[sts[i] for i in left]
-            if not ps: continue
+            left = self.engine.step(ps, sts, c, AdanScalars.of(**hp))
+            if not left: continue
+            ps,sts = [ps[i] for i in left],[sts[i] for i in left]
             gs = [p.grad.to(_state_dtype(p)) for p in ps]
             if c is not None: gs = torch._foreach_mul(gs, c.to(dev))
             _adan_foreach(ps, gs, *[[s[k] for s in sts] for k in _MOMENT_KEYS], **hp)

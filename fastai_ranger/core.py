@@ -16,11 +16,12 @@ from fastcore.basics import *
 from fastai.optimizer import OptimWrapper, Optimizer as FastaiOptimizer, detuplify_pg
 
 # %% auto #0
-__all__ = ['NONFINITE_MODES', 'OPT_CLASS_KEY', 'default_hp_map', 'check_hyper', 'check_lr', 'check_eps', 'check_wd', 'check_beta',
-           'check_betas', 'check_nonfinite_mode', 'check_dense', 'grads_finite', 'NonFiniteGradientError',
+__all__ = ['NONFINITE_MODES', 'ROUTES', 'OPT_CLASS_KEY', 'default_hp_map', 'check_hyper', 'check_lr', 'check_eps', 'check_wd',
+           'check_beta', 'check_betas', 'check_nonfinite_mode', 'check_dense', 'grads_finite', 'NonFiniteGradientError',
            'should_skip_step', 'check_real', 'group_by_key', 'FlatState', 'flat_state', 'CompileNotice',
-           'compile_notice', 'Compiled', 'alias', 'AliasCache', 'rows_shape', 'state_dict_tag', 'check_state_dict',
-           'WrappedOptimizer', 'honours_do_wd', 'FastaiOptWrapper', 'takes_wd', 'fastai_opt', 'wrap_opt_func']
+           'compile_notice', 'InjectedFailure', 'Compiled', 'alias', 'AliasCache', 'rows_shape', 'check_route',
+           'FastEngine', 'state_dict_tag', 'check_state_dict', 'WrappedOptimizer', 'honours_do_wd', 'FastaiOptWrapper',
+           'takes_wd', 'fastai_opt', 'wrap_opt_func']
 
 # %% ../nbs/00_core.ipynb #ec6822f4
 def check_hyper(name:str, # Name of the hyperparameter, used in the message
@@ -185,19 +186,34 @@ def _no_duck_shapes():
         return _config.patch(use_duck_shape=False)
     except (ImportError, AttributeError): return contextlib.nullcontext()
 
+class InjectedFailure(RuntimeError):
+    "The error a `Compiled` raises where a test asked it to fail (see `Compiled.inject_failure`)"
+
+@functools.lru_cache(maxsize=None)
+def _compiled(fn):
+    "torch's compiled wrapper of pure function `fn`, one per function, so that every engine reuses its graphs"
+    return torch.compile(fn, dynamic=True, fullgraph=True)
+
 class Compiled:
     "`torch.compile(fn, dynamic=True, fullgraph=True)` on first use; sets `failed` (and returns None) if compiling fails here"
-    def __init__(self, fn, name:str): self.fn,self.name,self.cfn,self.failed,self.seen = fn,name,None,False,set()
+    def __init__(self, fn, name:str): self.fn,self.name,self.cfn,self.failed,self.seen,self.fault = fn,name,None,False,set(),None
 
     def usable(self, dev) -> bool: return not self.failed and dev.type in ('cpu', 'cuda')
+
+    def __getstate__(self): return {**self.__dict__, 'cfn': None, 'seen': set(), 'fault': None}   # copies compile again
+
+    def inject_failure(self, when=None):
+        "Test switch: calls for whose arguments `when(*args)` is true (all calls if None) fail as a broken compiler would"
+        self.fault = when or (lambda *args: True)
 
     def __call__(self, *args, strict:bool=False):
         "Run the compiled `fn`; on a compilation/runtime failure warn once and return None (raise if `strict`)"
         if self.failed and not strict: return None   # failed before: no second compile attempt, no second warning
         try:
+            if self.fault is not None and self.fault(*args): raise InjectedFailure("failure injected by Compiled.inject_failure")
             if self.cfn is None:
                 compile_notice(self.name)
-                self.cfn = torch.compile(self.fn, dynamic=True, fullgraph=True)
+                self.cfn = _compiled(self.fn)
             sig = tuple((a.dtype, a.dim()) for a in args if isinstance(a, Tensor))
             if sig in self.seen: return self.cfn(*args)
             with _no_duck_shapes(): res = self.cfn(*args)   # a first (R, R) call must not give a graph for square tensors only
@@ -236,6 +252,74 @@ def _rows_of(n:int, width:int) -> tuple|None:
 def rows_shape(t:Tensor, width:int=512) -> tuple|None:
     "A 2-d shape (R, K), R, K >= 2, to read `t` as rows: K = `width` if it divides `t.numel()`, else a divisor <= 4096; None if none"
     return _rows_of(t.numel(), width)
+
+# %% ../nbs/00_core.ipynb #c0e1a002
+ROUTES = ('cpu', 'gpu')
+
+def check_route(route):
+    "A fast-path route: 'cpu', 'gpu' or None (by the device)"
+    check_hyper('route', route, route is None or route in ROUTES, f"None or one of {ROUTES}")
+
+class FastEngine:
+    "An optimizer's fast path: its compiled `kernels`, aliases, work buffers and flat states, the `route` and one failure policy"
+    def __init__(self, name:str, # Optimizer name, for notices and warnings
+                 kernels:dict, # Kernel name -> pure function, compiled on first use (a `Compiled` per engine)
+                 route:str|None=None, # 'cpu', 'gpu' or None (by the device: 'gpu' for anything but the CPU)
+                 compile:bool=True, # False: never compile (the eager path)
+                 strict:bool=False # True: a kernel that fails raises instead of falling back
+                ):
+        self.name,self.route,self.compile,self.strict = name,route,compile,strict
+        self.kernels = {k: Compiled(f, name) for k,f in kernels.items()}
+        self.aliases,self.flats,self.bufs,self._rows = AliasCache(),{},{},{}
+
+    def __getstate__(self):
+        "Copies keep the switches and the kernels' failure flags; caches are rebuilt"
+        return {**self.__dict__, 'aliases': AliasCache(), 'flats': {}, 'bufs': {}, '_rows': {}}
+
+    @property
+    def route(self) -> str|None: return self._route
+    @route.setter
+    def route(self, v): check_route(v); self._route = v
+
+    def route_for(self, dev) -> str:
+        "The route tensors on `dev` take"
+        return self.route or ('cpu' if dev.type == 'cpu' else 'gpu')
+
+    @property
+    def failed(self) -> bool: return any(k.failed for k in self.kernels.values())
+    def fail(self):
+        "Switch every kernel off for good, as a compiler that does not work here does"
+        for k in self.kernels.values(): k.failed = True
+    def usable(self, dev) -> bool:
+        "Whether the compiled kernels may run on `dev`"
+        return self.compile and not self.failed and dev.type in ('cpu', 'cuda')
+
+    def run(self, name:str, *args):
+        "Run kernel `name`; if it fails, the whole engine is off from now on (check `failed`); raises if `strict`"
+        res = self.kernels[name](*args, strict=self.strict)
+        if self.kernels[name].failed: self.fail()
+        return res
+
+    def work(self, ref:Tensor, shape:tuple) -> Tensor:
+        "A work buffer of `shape` like `ref` (an `alias` over one buffer per device and dtype, grown as needed)"
+        n,key = math.prod(shape),(ref.device, ref.dtype)
+        if key not in self.bufs or self.bufs[key].numel() < n: self.bufs[key] = torch.empty(n, dtype=ref.dtype, device=ref.device)
+        return alias(self.bufs[key], shape)
+
+    def flat(self, ps:list, states:list, keys:tuple, align:int=1) -> FlatState:
+        "The `FlatState` of `ps` (see `flat_state`)"
+        return flat_state(self.flats, ps, states, keys, align)
+
+    def rows(self, fs:FlatState, keys:tuple) -> tuple:
+        "`fs`'s params, grads and state `keys` as (R, align) matrices that are not views (see `alias`), made again when a buffer changes"
+        bufs = (fs.p, fs.g) + tuple(fs.bufs[k] for k in keys)
+        key = tuple(b.data_ptr() for b in bufs)
+        hit = self._rows.get(id(fs))
+        if hit is None or hit[0] is not fs or hit[1] != key:
+            live = set(map(id, self.flats.values()))
+            self._rows = {i:v for i,v in self._rows.items() if i in live}
+            hit = self._rows[id(fs)] = (fs, key, tuple(alias(b, (fs.numel//fs.align, fs.align)) for b in bufs))
+        return hit[2]
 
 # %% ../nbs/00_core.ipynb #5f169c89
 OPT_CLASS_KEY = 'optimizer_class'

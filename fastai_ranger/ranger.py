@@ -7,6 +7,7 @@ Docs: https://fastai-ranger.github.io/fastai-ranger/ranger.html.md"""
 # %% ../nbs/02_ranger.ipynb #0a4f2ee5
 from __future__ import annotations
 import math
+from dataclasses import dataclass
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
@@ -15,7 +16,8 @@ from .core import *
 from .lookahead import *
 
 # %% auto #0
-__all__ = ['GC_MODES', 'ranger_hp_map', 'radam_rect', 'centralize_grad', 'RAdamLookaheadBase', 'Ranger', 'ranger']
+__all__ = ['GC_MODES', 'ranger_hp_map', 'radam_rect', 'centralize_grad', 'RAdamStep', 'RAdamEngine', 'RAdamLookaheadBase',
+           'Ranger', 'ranger']
 
 # %% ../nbs/02_ranger.ipynb #c6c4886c
 def radam_rect(beta2:float, # Second-moment decay β₂
@@ -40,14 +42,59 @@ def centralize_grad(g:Tensor, gc:str|None) -> Tensor:
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def _fused_ok(device, dtype): return device.type in ('cpu','cuda') and dtype in _FUSED_DTYPES and hasattr(torch, '_fused_adamw_')
 
-def _radam_fused_(ps, grads, ms, vs, step:Tensor, lr:float, r:float, betas:tuple, wd:float, eps:float, eps_mode:str, bc2:float):
+@dataclass(frozen=True)
+class RAdamStep:
+    "The named values of one RAdam step of a bucket of tensors (same group, device, dtype, decay flag and step count)"
+    lr:float; b1:float; b2:float; eps:float
+    wd:float # Weight decay of this bucket (0 where fastai's `do_wd` is False)
+    t:int # The step count after this step (1 for the first step)
+    eps_mode:str='fastai'
+    @property
+    def bc1(self) -> float: return 1 - self.b1**self.t
+    @property
+    def bc2(self) -> float: return 1 - self.b2**self.t
+    @property
+    def r(self) -> float|None: return radam_rect(self.b2, self.t)
+
+def _radam_fused_(ps, grads, ms, vs, step:Tensor, st:RAdamStep):
     "RAdam's rectified step `p·(1−lr·wd) − lr·r·m̂/(sqrt(v̂)+eps)` as torch's fused AdamW with lr·r and wd/r"
-    eps_f = eps if eps_mode == 'fastai' else eps/math.sqrt(bc2)
-    torch._fused_adamw_(ps, grads, ms, vs, [], [step]*len(ps), amsgrad=False, lr=lr*r, beta1=betas[0], beta2=betas[1],
-                        weight_decay=wd/r, eps=eps_f, maximize=False, grad_scale=None, found_inf=None)
+    r = st.r
+    eps_f = st.eps if st.eps_mode == 'fastai' else st.eps/math.sqrt(st.bc2)
+    torch._fused_adamw_(ps, grads, ms, vs, [], [step]*len(ps), amsgrad=False, lr=st.lr*r, beta1=st.b1, beta2=st.b2,
+                        weight_decay=st.wd/r, eps=eps_f, maximize=False, grad_scale=None, found_inf=None)
+
+def _radam_foreach_(ps, grads, ms, vs, st:RAdamStep):
+    "RAdam's step in multi-tensor ops (the un-rectified steps, and where the fused kernel does not exist)"
+    lr,b1,b2,eps,r = st.lr,st.b1,st.b2,st.eps,st.r
+    if st.wd != 0: torch._foreach_mul_(ps, 1 - lr*st.wd)
+    torch._foreach_lerp_(ms, grads, 1-b1)
+    torch._foreach_mul_(vs, b2)
+    torch._foreach_addcmul_(vs, grads, grads, 1-b2)
+    if r is None: torch._foreach_add_(ps, ms, alpha=-lr/st.bc1); return
+    den = torch._foreach_sqrt(vs)
+    if st.eps_mode == 'fastai':
+        torch._foreach_div_(den, math.sqrt(st.bc2)); torch._foreach_add_(den, eps)
+        torch._foreach_addcdiv_(ps, ms, den, -lr*r/st.bc1)
+    else:
+        torch._foreach_add_(den, eps)
+        torch._foreach_addcdiv_(ps, ms, den, -lr*r*math.sqrt(st.bc2)/st.bc1)
+
+class RAdamEngine(FastEngine):
+    "Ranger's fast path: torch's fused AdamW kernel with RAdam's constants (both routes), multi-tensor ops elsewhere"
+    def __init__(self, name:str='Ranger', kernels:dict|None=None, route:str|None=None):
+        super().__init__(name, kernels or {}, route=route)
+
+    def update(self, ps, grads, states, st:RAdamStep, slows=None, alpha=None) -> bool:
+        "RAdam's update of one bucket (`states`: their state dicts); returns `synced`: whether it also did this step's Lookahead sync (not here)"
+        dev,ms,vs = ps[0].device,[s['exp_avg'] for s in states],[s['exp_avg_sq'] for s in states]
+        if st.r is not None and _fused_ok(dev, ps[0].dtype):
+            step = torch.full((), float(st.t), dtype=torch.float32, device=dev)   # filled on the device: no host-to-device copy
+            _radam_fused_(ps, grads, ms, vs, step, st)
+        else: _radam_foreach_(ps, grads, ms, vs, st)
+        return False
 
 class RAdamLookaheadBase(LookaheadMixin, Optimizer):
-    "Shared machinery of `Ranger` and `RangerLARS`: checks, state, non-finite policy, grouping, Lookahead"
+    "Shared machinery of `Ranger` and `RangerLARS`: checks, state, non-finite policy, grouping, RAdam constants, Lookahead"
     def __init__(self, params, lr=1e-3, betas=(0.95,0.99), eps=1e-6, weight_decay=1e-2, k=6, alpha=0.5,
                  gc=None, eps_mode='fastai', nonfinite=None, foreach=None, **extra):
         check_hyper('gc', gc, gc in GC_MODES, f"one of {GC_MODES}")
@@ -59,6 +106,18 @@ class RAdamLookaheadBase(LookaheadMixin, Optimizer):
                         weight_decay=weight_decay, k=k, alpha=alpha, **extra)
         self._check_group(defaults)
         super().__init__(params, defaults)
+        self.engine = self._make_engine()
+
+    def _make_engine(self) -> FastEngine: return RAdamEngine(type(self).__name__)
+
+    _switches = ('gc', 'eps_mode', 'nonfinite', 'foreach', 'trust', 'engine')
+    def __getstate__(self):
+        "torch's optimizer state plus the switches and the engine, so that `copy.deepcopy` and pickle keep them"
+        return {**super().__getstate__(), **{k: self.__dict__[k] for k in self._switches if k in self.__dict__}}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if 'engine' not in self.__dict__: self.engine = self._make_engine()   # pickled before engines
 
     def _check_group(self, g):
         check_lr(g['lr']); check_betas(g['betas']); check_eps(g['eps']); check_wd(g['weight_decay'])
@@ -123,15 +182,18 @@ class RAdamLookaheadBase(LookaheadMixin, Optimizer):
         if t % g['k'] == 0: lookahead_sync_([p], [s['slow']], g['alpha'], foreach=False)
 
     def _step_fast(self, g, ps, grads, states):
-        "Multi-tensor step over buckets of (device, dtype, takes wd, step), then Lookahead (unless `_update_fast` did it)"
+        "Multi-tensor step over buckets of (device, dtype, takes wd, step), then Lookahead (unless the update did it: `synced`)"
         wd,(b1,b2) = g['weight_decay'],g['betas']
         keys = [(p.device, p.dtype, wd != 0 and takes_wd(s), s['step']) for p,s in zip(ps, states)]
         for (dev,dt,do_wd,t0),(bp,bg,bs) in group_by_key(keys, ps, grads, states).items():
-            t = t0 + 1
-            ms,vs = [s['exp_avg'] for s in bs],[s['exp_avg_sq'] for s in bs]
-            synced = self._update_fast(g, bp, bg, ms, vs, wd if do_wd else 0., t, 1 - b1**t, 1 - b2**t, radam_rect(b2, t))
-            for s in bs: s['step'] = t
-            if t % g['k'] == 0 and not synced: lookahead_sync_(bp, [s['slow'] for s in bs], g['alpha'])
+            st = RAdamStep(lr=float(g['lr']), b1=b1, b2=b2, eps=g['eps'], wd=wd if do_wd else 0., t=t0+1, eps_mode=self.eps_mode)
+            synced = self._update_fast(g, bp, bg, bs, st)
+            for s in bs: s['step'] = st.t
+            if st.t % g['k'] == 0 and not synced: lookahead_sync_(bp, [s['slow'] for s in bs], g['alpha'])
+
+    def _update_fast(self, g, ps, grads, states, st:RAdamStep) -> bool:
+        "The engine's update of one bucket; returns `synced` (whether the engine also did the Lookahead sync)"
+        return self.engine.update(ps, grads, states, st)
 
 # %% ../nbs/02_ranger.ipynb #a3145a6e
 class Ranger(RAdamLookaheadBase):
@@ -146,7 +208,7 @@ class Ranger(RAdamLookaheadBase):
                  gc:str|None=None, # Gradient centralization: None, 'conv' (dim>3) or 'all' (dim>1)
                  eps_mode:str='fastai', # 'fastai' (eps after debiasing) or 'lessw2020' (eps on raw sqrt(v))
                  nonfinite:str|None=None, # None, 'skip' or 'raise' for inf/NaN gradients
-                 foreach:bool|None=None # False: per-tensor reference path; None/True: multi-tensor/fused path
+                 foreach:bool|None=None # False: per-tensor reference path; None/True: multi-tensor/fused path (`engine`)
                 ):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, k=k, alpha=alpha, gc=gc,
                          eps_mode=eps_mode, nonfinite=nonfinite, foreach=foreach)
@@ -157,41 +219,27 @@ class Ranger(RAdamLookaheadBase):
         elif self.eps_mode == 'fastai': p.addcdiv_(m, (v/bc2).sqrt_().add_(eps), value=-lr*r/bc1)
         else: p.addcdiv_(m, v.sqrt().add_(eps), value=-lr*r*math.sqrt(bc2)/bc1)
 
-    def _update_fast(self, g, ps, grads, ms, vs, wd, t, bc1, bc2, r):
-        lr,(b1,b2),eps = float(g['lr']),g['betas'],g['eps']
-        dev,dt = ps[0].device,ps[0].dtype
-        if r is not None and _fused_ok(dev, dt):
-            _radam_fused_(ps, grads, ms, vs, torch.tensor(float(t), device=dev), lr, r, (b1,b2), wd, eps, self.eps_mode, bc2)
-            return
-        if wd != 0: torch._foreach_mul_(ps, 1 - lr*wd)
-        torch._foreach_lerp_(ms, grads, 1-b1)
-        torch._foreach_mul_(vs, b2)
-        torch._foreach_addcmul_(vs, grads, grads, 1-b2)
-        if r is None: torch._foreach_add_(ps, ms, alpha=-lr/bc1); return
-        den = torch._foreach_sqrt(vs)
-        if self.eps_mode == 'fastai':
-            torch._foreach_div_(den, math.sqrt(bc2)); torch._foreach_add_(den, eps)
-            torch._foreach_addcdiv_(ps, ms, den, -lr*r/bc1)
-        else:
-            torch._foreach_add_(den, eps)
-            torch._foreach_addcdiv_(ps, ms, den, -lr*r*math.sqrt(bc2)/bc1)
-
 # %% ../nbs/02_ranger.ipynb #dad79b19
 ranger_hp_map = {'betas__0': 'mom', 'betas__1': 'sqr_mom', 'weight_decay': 'wd'}
 
 def ranger(params, # Parameters or param groups (from a fastai splitter)
            lr:float=1e-3, # Learning rate
            mom:float=0.95, # β₁
-           sqr_mom:float=0.99, # β₂
-           eps:float=1e-6, # Denominator epsilon
            wd:float=1e-2, # Decoupled weight decay
+           eps:float=1e-6, # Denominator epsilon
            k:int=6, # Lookahead sync period
            alpha:float=0.5, # Lookahead slow-weight step
+           *,
+           sqr_mom:float=0.99, # β₂
+           beta:float=0., # fastai's RAdam `beta` (only 0., its default, is supported)
+           decouple_wd:bool=True, # fastai's RAdam `decouple_wd` (only True, its default, is supported)
            gc:str|None=None, # Gradient centralization: None, 'conv' or 'all'
            eps_mode:str='fastai', # 'fastai' or 'lessw2020'
            nonfinite:str|None=None, # None, 'skip' or 'raise'
            foreach:bool|None=None # False for the reference path
           ) -> FastaiOptWrapper:
-    "fastai opt_func for `Ranger`"
+    "fastai opt_func for `Ranger`, a drop-in for fastai's `ranger` (same positional order and defaults)"
+    check_hyper('beta', beta, isinstance(beta, (int, float)) and beta == 0, "0. (fastai's default; the SAdam-style `beta` is not supported)")
+    check_hyper('decouple_wd', decouple_wd, decouple_wd is True, "True (fastai's default; coupled L2 decay is not supported)")
     return FastaiOptWrapper(params, opt=Ranger, hp_map=ranger_hp_map, lr=lr, betas=(mom,sqr_mom), eps=eps,
                             weight_decay=wd, k=k, alpha=alpha, gc=gc, eps_mode=eps_mode, nonfinite=nonfinite, foreach=foreach)

@@ -7,6 +7,7 @@ Docs: https://fastai-ranger.github.io/fastai-ranger/ranger_lars.html.md"""
 # %% ../nbs/03_ranger_lars.ipynb #8b18f555
 from __future__ import annotations
 import math
+from dataclasses import dataclass, astuple
 from functools import partial
 import torch
 from torch import Tensor
@@ -15,35 +16,55 @@ from fastcore.basics import *
 from .core import *
 from .lookahead import *
 from .ranger import *
-from .ranger import RAdamLookaheadBase, Ranger
+from .ranger import RAdamLookaheadBase, RAdamEngine, RAdamStep, Ranger
 
 # %% auto #0
-__all__ = ['TRUST_MODES', 'RangerLARS', 'ranger_lars', 'LARS', 'lars']
+__all__ = ['TRUST_MODES', 'LarsScalars', 'LarsEngine', 'RangerLARS', 'ranger_lars', 'LARS', 'lars']
 
 # %% ../nbs/03_ranger_lars.ipynb #da206e01
 TRUST_MODES = ('over9000', 'lamb', None)
+_LARS_KEYS = ('exp_avg', 'exp_avg_sq')
 
 def _ratio(num:Tensor, den:Tensor, clamp:bool) -> Tensor:
     "Trust ratio from norms; 1 where either norm is 0"
     w = num.clamp(max=10.) if clamp else num
     return torch.where((num == 0) | (den == 0), torch.ones_like(num), w/den)
 
-def _direction_consts(r, bc1, bc2, eps, eps_mode) -> tuple:
-    "(A, B, C) with the RAdam direction u = A·m/(B·sqrt(v) + C), for every phase and `eps_mode`"
-    if r is None: return 1/bc1, 0., 1.
-    if eps_mode == 'fastai': return r/bc1, 1/math.sqrt(bc2), eps
-    return r*math.sqrt(bc2)/bc1, 1., eps
+@dataclass(frozen=True)
+class LarsScalars:
+    "The per-step scalars of RangerLARS's kernels, by name; `values()` is what a kernel receives (Python floats)"
+    b1:float; b2:float # Moment decays β₁, β₂
+    A:float; B:float; C:float # The RAdam direction u = A·m/(B·sqrt(v) + C), for every phase and `eps_mode`
+    a:float # Decoupled decay factor 1 − lr·wd
+    lr:float
+    kq:float # 1 for 'over9000' (second norm ‖p' − lr·u‖), 0 for 'lamb' (‖lr·u‖)
+
+    @classmethod
+    def of(cls, st:RAdamStep, trust:str) -> LarsScalars:
+        "The scalars of RAdam step `st` for `trust` mode"
+        r = st.r
+        if r is None: A,B,C = 1/st.bc1, 0., 1.
+        elif st.eps_mode == 'fastai': A,B,C = r/st.bc1, 1/math.sqrt(st.bc2), st.eps
+        else: A,B,C = r*math.sqrt(st.bc2)/st.bc1, 1., st.eps
+        return cls(st.b1, st.b2, A, B, C, 1 - st.lr*st.wd, st.lr, 1. if trust == 'over9000' else 0.)
+
+    def values(self) -> tuple:
+        "The scalars as Python floats: the GPU route's kernel arguments (symbolic in dynamo: no upload, no recompile)"
+        return astuple(self)
+    def tensor(self, ref:Tensor) -> Tensor:
+        "The scalars as one tensor on `ref`'s (CPU) device: the CPU route's kernel argument (a call with floats costs ~45 µs more there)"
+        return torch.tensor(self.values(), dtype=_acc(ref.dtype), device=ref.device)
 
 def _acc(dt): return torch.float64 if dt == torch.float64 else torch.float32  # math (and sums) in at least fp32
 
-def _lars_moments(g, m, v, sc):
+def _lars_moments(g, m, v, b1, b2):
     dt = _acc(m.dtype)
     gf,mf,vf = g.to(dt),m.to(dt),v.to(dt)
-    return mf*sc[0] + gf*(1-sc[0]), vf*sc[1] + gf*gf*(1-sc[1])
+    return mf*b1 + gf*(1-b1), vf*b2 + gf*gf*(1-b2)
 
-def _lars_dir(m2, v2, sc):
+def _lars_dir(m2, v2, A, B, C):
     "The RAdam direction u = A·m/(B·sqrt(v) + C) from this step's moments"
-    return m2*sc[2]/(v2.sqrt()*sc[3] + sc[4])
+    return m2*A/(v2.sqrt()*B + C)
 
 def _norm_sums(pw, q):
     "[Σp'², Σq²] over the last dim (a flat tensor, or per row)"
@@ -51,33 +72,39 @@ def _norm_sums(pw, q):
 
 def _lars_sums(p, g, m, v, sc):
     "Norm pass over a flat tensor, or the rows of (R, K) ones: [Σp'², Σ(kq·p' − lr·u)²] from this step's moments (not stored)"
-    m2,v2 = _lars_moments(g, m, v, sc)
-    pw = p.to(m2.dtype)*sc[5]
-    return _norm_sums(pw, pw*sc[7] - _lars_dir(m2, v2, sc)*sc[6])
+    b1,b2,A,B,C,a,lr,kq = sc
+    m2,v2 = _lars_moments(g, m, v, b1, b2)
+    pw = p.to(m2.dtype)*a
+    return _norm_sums(pw, pw*kq - _lars_dir(m2, v2, A, B, C)*lr)
 
 def _lars_apply(p, g, m, v, c, sc):
     "Update pass: store the moments and p ← p' − c·u, with `c` = lr·τ (0-d, or (R, 1) per row)"
-    m2,v2 = _lars_moments(g, m, v, sc)
-    p.copy_(p.to(m2.dtype)*sc[5] - _lars_dir(m2, v2, sc)*c)
+    b1,b2,A,B,C,a,lr,kq = sc
+    m2,v2 = _lars_moments(g, m, v, b1, b2)
+    p.copy_(p.to(m2.dtype)*a - _lars_dir(m2, v2, A, B, C)*c)
     m.copy_(m2); v.copy_(v2)
+
+def _lars_apply_rows(p, g, m, v, S, seg, sc, nm, cl):
+    "GPU-route update pass over every tensor's rows: τ per tensor from its sums `S` (T, 2), on the device; `nm`, `cl` as in `LarsEngine.trust_consts`"
+    b1,b2,A,B,C,a,lr,kq = sc
+    num,den = S[:,0].sqrt()*nm,S[:,1].sqrt()
+    tau = torch.where((num == 0) | (den == 0), torch.ones_like(num), num.clamp(max=cl)/den)
+    _lars_apply(p, g, m, v, (tau*lr)[seg][:,None], sc)
 
 def _lars_store(p, g, m, v, d, sc):
     "Norm pass that also stores this step's moments in `m, v` and the step −lr·u in `d`; returns the sums of `_lars_sums`"
-    m2,v2 = _lars_moments(g, m, v, sc)
+    b1,b2,A,B,C,a,lr,kq = sc
+    m2,v2 = _lars_moments(g, m, v, b1, b2)
     m.copy_(m2); v.copy_(v2)
-    dd = -_lars_dir(m2, v2, sc)*sc[6]
+    dd = -_lars_dir(m2, v2, A, B, C)*lr
     d.copy_(dd)
-    pw = p.to(m2.dtype)*sc[5]
-    return _norm_sums(pw, pw*sc[7] + dd)
+    pw = p.to(m2.dtype)*a
+    return _norm_sums(pw, pw*kq + dd)
 
 def _lars_combine_sync(p, d, slow, c):
     "A Lookahead step's update in one pass: p ← a·p + τ·d, then slow ← slow + α·(p − slow) and p ← slow; `c` = [a, τ, α]"
     s2 = slow + (p*c[0] + d*c[1] - slow)*c[2]
     p.copy_(s2); slow.copy_(s2)
-
-_sums_kernel,_apply_kernel = Compiled(_lars_sums, 'RangerLARS'),Compiled(_lars_apply, 'RangerLARS')
-_store_kernel,_sync_kernel = Compiled(_lars_store, 'RangerLARS'),Compiled(_lars_combine_sync, 'RangerLARS')
-_KERNELS = (_sums_kernel, _apply_kernel, _store_kernel, _sync_kernel)
 
 def _axpby_(p:Tensor, d:Tensor, a:float, tau:float):
     "p ← a·p + τ·d in one pass: torch's fused SGD step with lr −τ and coupled weight decay (a−1)/τ, for a host τ"
@@ -85,15 +112,6 @@ def _axpby_(p:Tensor, d:Tensor, a:float, tau:float):
         torch._fused_sgd_([p], [d], [], weight_decay=(a-1)/tau, momentum=0., lr=-tau, dampening=0., nesterov=False,
                           maximize=False, is_first_step=False, grad_scale=None, found_inf=None)
     else: p.mul_(a).add_(d, alpha=tau)
-
-def _flat_rows(fs:FlatState) -> tuple:
-    "(p, g, m, v) of `fs` as (R, align) matrices that are not views (see `alias`), made once per buffer set"
-    key = (fs.p.data_ptr(), fs.g.data_ptr())
-    if getattr(fs, 'rows_key', None) != key:
-        shape = (fs.numel//fs.align, fs.align)
-        fs.rows = tuple(alias(b, shape) for b in (fs.p, fs.g, fs.bufs['exp_avg'], fs.bufs['exp_avg_sq']))
-        fs.rows_key = key
-    return fs.rows
 
 def _row_sums(rows:Tensor, fs:FlatState) -> Tensor:
     "Per-tensor sums from per-row sums of `fs`'s buffers as (R, align) rows"
@@ -103,6 +121,126 @@ def _row_sums(rows:Tensor, fs:FlatState) -> Tensor:
 def _tensor_sums(s:Tensor) -> Tensor:
     "The [Σp'², Σq²] of one tensor from its kernel's output: per-row sums (R, 2) are added up"
     return s if s.dim() == 1 else s.sum(0)
+
+# %% ../nbs/03_ranger_lars.ipynb #l0e1a001
+class LarsEngine(RAdamEngine):
+    "RangerLARS's fast path: the CPU route (store, τ on the host, combine) and the GPU route (flat, τ on the device)"
+    kernel_min_numel = 65536  # CPU route: tensors this large get kernel calls of their own; smaller ones share one call
+    row_width = 512           # flat buffers are read as rows of this many elements
+    def __init__(self, trust:str|None='over9000', route:str|None=None):
+        super().__init__('RangerLARS', dict(sums=_lars_sums, apply_rows=_lars_apply_rows, store=_lars_store,
+                                            sync=_lars_combine_sync), route)
+        self.trust = trust
+
+    def trust_consts(self, lr:float) -> tuple:
+        "(nm, cl): τ = min(nm·‖p'‖, cl)/‖q‖, 1 where a norm is 0 ('over9000': (1, 10); 'lamb': (lr, ∞))"
+        return (1., 10.) if self.trust == 'over9000' else (lr, math.inf)
+
+    def update(self, ps, grads, states, st:RAdamStep, slows=None, alpha=None) -> bool:
+        "One bucket's step; `slows` (the slow weights, on a Lookahead step) may be synced in the same pass: returns `synced`"
+        if self.trust is None: return super().update(ps, grads, states, st)
+        sc,dev = LarsScalars.of(st, self.trust),ps[0].device
+        if not self.usable(dev): self.eager(ps, grads, states, sc); return False
+        if self.route_for(dev) == 'cpu' and states[0]['exp_avg'].dtype in (torch.float32, torch.float64):
+            return self._cpu(ps, grads, states, sc, slows, alpha)
+        return self._gpu(ps, grads, states, sc)
+
+    def _flat(self, ps, states) -> FlatState: return self.flat(ps, states, _LARS_KEYS, align=self.row_width)
+
+    def _gpu(self, ps, grads, states, sc:LarsScalars) -> bool:
+        "GPU route: every tensor in flat rows; norm pass, per-tensor sums (`index_add_`), τ and update in one pass: no host read"
+        fs = self._flat(ps, states)
+        fs.gather(grads)
+        rows = self.rows(fs, _LARS_KEYS)
+        s = self.run('sums', *rows, sc.values())
+        if not self.failed: self.run('apply_rows', *rows, _row_sums(s, fs), fs.row_segments(), sc.values(), *self.trust_consts(sc.lr))
+        if self.failed: self.eager(ps, grads, states, sc)   # nothing stored yet: the eager path does the whole step
+        else: fs.scatter()
+        return False
+
+    def _cpu(self, ps, grads, states, sc:LarsScalars, slows, alpha) -> bool:
+        "CPU route: large tensors one storing norm pass each, τ on the host, p ← a·p + τ·(−lr·u) (and the Lookahead sync); small ones as flat rows"
+        ms,vs = [s['exp_avg'] for s in states],[s['exp_avg_sq'] for s in states]
+        big = [i for i,p in enumerate(ps) if p.numel() >= self.kernel_min_numel
+               and p.is_contiguous() and grads[i].is_contiguous() and ms[i].is_contiguous() and vs[i].is_contiguous()]
+        rest = sorted(set(range(len(ps))) - set(big))
+        al = self.aliases
+        shapes = [rows_shape(ps[i], self.row_width) for i in big]
+        items = [(al(ps[i], sh), alias(grads[i], sh), al(ms[i], sh), al(vs[i], sh)) for i,sh in zip(big, shapes)]
+        fs = None
+        if rest:
+            fs = self._flat([ps[i] for i in rest], [states[i] for i in rest])
+            fs.gather([grads[i] for i in rest])
+        sl = None
+        if slows is not None and all(slows[i].is_contiguous() for i in big):   # the large tensors sync in their update pass
+            sl = [al(slows[i], sh) for i,sh in zip(big, shapes)]
+        v = sc.tensor(ms[0])   # one tensor of scalars for every kernel call of this bucket
+        n = self._store_big(items, sc, v, sl, alpha)
+        if n == 0 and self.failed: self.eager(ps, grads, states, sc); return False   # nothing changed yet
+        rows_done = bool(rest) and n == len(items) and self._store_rows(fs, sc, v)
+        if rows_done: fs.scatter()
+        left = big[n:] + ([] if rows_done else rest)   # a kernel failed mid-step: these finish eagerly
+        if left: self.eager([ps[i] for i in left], [grads[i] for i in left], [states[i] for i in left], sc)
+        if sl is None: return False
+        unsynced = big[n:] + rest
+        lookahead_sync_([ps[i] for i in unsynced], [slows[i] for i in unsynced], alpha)
+        return True
+
+    def _store_big(self, items:list, sc:LarsScalars, v:Tensor, slows=None, alpha=None) -> int:
+        "The large tensors one by one (`v`: `sc` as a tensor); returns how many it did (fewer if a kernel failed)"
+        for i,x in enumerate(items):
+            d = self.work(x[2], x[2].shape)
+            s = self.run('store', *x, d, v)
+            if self.failed: return i
+            tau = self._tau_host(*_tensor_sums(s).tolist(), sc.lr)
+            if slows is None: _axpby_(x[0], d, sc.a, tau); continue
+            self.run('sync', x[0], d, slows[i], torch.tensor([sc.a, tau, alpha], dtype=v.dtype))
+            if self.failed:
+                _axpby_(x[0], d, sc.a, tau); lookahead_sync_([x[0]], [slows[i]], alpha)
+                return i+1
+        return len(items)
+
+    def _store_rows(self, fs:FlatState, sc:LarsScalars, v:Tensor) -> bool:
+        "The small tensors' rows: storing norm pass, per-tensor τ, p ← a·p + τ·(−lr·u); False if the kernel failed"
+        rows = self.rows(fs, _LARS_KEYS)
+        d = self.work(rows[2], rows[2].shape)
+        s = self.run('store', *rows, d, v)
+        if self.failed: return False
+        tau = self._tau(*_row_sums(s, fs).unbind(1), sc.lr).to(d.dtype)
+        P = fs.p.view(rows[0].shape)
+        if sc.a != 1: P.mul_(sc.a)
+        P.addcmul_(d, tau[fs.row_segments()][:,None])
+        return True
+
+    def _tau(self, s1:Tensor, s2:Tensor, lr:float) -> Tensor:
+        "Trust ratios from Σp'² and Σ(kq·p' − lr·u)² (for 'lamb', kq = 0 so the second norm is lr·‖u‖)"
+        num,den = s1.sqrt(),s2.sqrt()
+        return _ratio(num, den, True) if self.trust == 'over9000' else _ratio(num*lr, den, False)
+
+    def _tau_host(self, s1:float, s2:float, lr:float) -> float:
+        "`_tau` for one tensor, in Python floats (same rules: 1 where a norm is 0; inf and NaN propagate)"
+        num,den = math.sqrt(s1),math.sqrt(s2)
+        if self.trust == 'lamb': num *= lr
+        if num == 0 or den == 0: return 1.
+        return (min(num, 10.) if self.trust == 'over9000' else num)/den
+
+    def eager(self, ps, grads, states, sc:LarsScalars):
+        "Without a compiler: all tensors at once in flat buffers (`FlatState`), per-tensor norms as row sums"
+        fs = self._flat(ps, states)
+        fp,fg = fs.gather(grads)
+        m,v = fs.bufs['exp_avg'],fs.bufs['exp_avg_sq']
+        if fg.dtype != m.dtype: fg = fg.to(m.dtype)
+        m.lerp_(fg, 1-sc.b1); v.mul_(sc.b2).addcmul_(fg, fg, value=1-sc.b2)
+        u = v.sqrt().mul_(sc.B).add_(sc.C)
+        torch.div(m, u, out=u).mul_(sc.A)
+        if sc.a != 1: fp.mul_(sc.a)
+        q = fp*sc.kq - u*sc.lr
+        R,W,acc = fs.numel//fs.align,fs.align,_acc(fp.dtype)
+        sq = lambda x: _row_sums(x.view(R, W).to(acc).pow(2).sum(1), fs)
+        tau = self._tau(sq(fp), sq(q), sc.lr).to(u.dtype)
+        u.view(R, W).mul_(tau[fs.row_segments()][:,None])
+        fp.add_(u, alpha=-sc.lr)
+        fs.scatter()
 
 class RangerLARS(RAdamLookaheadBase):
     "Lookahead over RAdam with a per-tensor trust ratio (Over9000)"
@@ -117,12 +255,21 @@ class RangerLARS(RAdamLookaheadBase):
                  gc:str|None=None, # Gradient centralization: None, 'conv' or 'all'
                  eps_mode:str='fastai', # 'fastai' or 'lessw2020' (over9000's raw eps)
                  nonfinite:str|None=None, # None, 'skip' or 'raise'
-                 foreach:bool|None=None # False: per-tensor reference path
+                 foreach:bool|None=None # False: per-tensor reference path; None/True: the fast path (`engine`)
                 ):
         check_hyper('trust', trust, trust in TRUST_MODES, f"one of {TRUST_MODES}")
         self.trust = trust
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, k=k, alpha=alpha, gc=gc,
                          eps_mode=eps_mode, nonfinite=nonfinite, foreach=foreach)
+
+    def _make_engine(self) -> LarsEngine: return LarsEngine(self.trust)
+
+    @property
+    def cpu_store_step(self) -> bool:
+        "Deprecated switch, kept for old scripts: False forces the GPU route (`engine.route = 'gpu'`)"
+        return self.engine.route != 'gpu'
+    @cpu_store_step.setter
+    def cpu_store_step(self, v:bool): self.engine.route = None if v else 'gpu'
 
     def _direction_ref(self, g, m, v, bc1, bc2, r):
         if r is None: return m/bc1
@@ -137,133 +284,10 @@ class RangerLARS(RAdamLookaheadBase):
         else: tau = _ratio(p.norm(), u.norm(), False)
         p.sub_(lr*tau*u)
 
-    kernel_min_numel = 65536  # tensors this large get kernel calls of their own; smaller ones share one call
-    row_width = 512           # the small tensors' flat buffers are read as rows of this many elements
-    cpu_store_step = True     # on CPU (fp32/fp64): the norm pass stores m, v and −lr·u; the update is then p ← a·p + τ·(−lr·u)
-
-    def _update_fast(self, g, ps, grads, ms, vs, wd, t, bc1, bc2, r):
-        if self.trust is None: return Ranger._update_fast(self, g, ps, grads, ms, vs, wd, t, bc1, bc2, r)
-        lr,(b1,b2),eps = float(g['lr']),g['betas'],g['eps']
-        A,B,C = _direction_consts(r, bc1, bc2, eps, self.eps_mode)
-        hp = dict(lr=lr, b1=b1, b2=b2, A=A, B=B, C=C, a=1-lr*wd, kq=1. if self.trust == 'over9000' else 0.)
-        dev = ps[0].device
-        if not all(k.usable(dev) for k in _KERNELS): return self._update_eager(ps, grads, hp)
-        big = [i for i,p in enumerate(ps) if p.numel() >= self.kernel_min_numel
-               and p.is_contiguous() and grads[i].is_contiguous() and ms[i].is_contiguous() and vs[i].is_contiguous()]
-        rest = sorted(set(range(len(ps))) - set(big))
-        al = self.__dict__.setdefault('_aliases', AliasCache())
-        shapes = [rows_shape(ps[i], self.row_width) if self._stores(ms[0]) else None for i in big]   # CPU: rows, as the small tensors
-        items = [(al(ps[i], sh), alias(grads[i], sh), al(ms[i], sh), al(vs[i], sh)) for i,sh in zip(big, shapes)]
-        fs = None
-        if rest:
-            fs = self._flat_state([ps[i] for i in rest])
-            fs.gather([grads[i] for i in rest])
-        slows = None
-        if t % g['k'] == 0 and self._stores(ms[0]):   # a Lookahead step: the large tensors sync in their update pass
-            slows = [self.state[ps[i]]['slow'] for i in big]
-            slows = [al(o, sh) for o,sh in zip(slows, shapes)] if all(o.is_contiguous() for o in slows) else None
-        if not self._update_kernels(items, fs, hp, slows, g['alpha']): return self._update_eager(ps, grads, hp)
-        if fs is not None: fs.scatter()
-        if slows is None: return False
-        lookahead_sync_([ps[i] for i in rest], [self.state[ps[i]]['slow'] for i in rest], g['alpha'])
-        return True   # the whole bucket is synced
-
-    def _flat_state(self, ps) -> FlatState:
-        return flat_state(self.__dict__.setdefault('_flat', {}), ps, [self.state[p] for p in ps], ('exp_avg','exp_avg_sq'),
-                          align=self.row_width)
-
-    def _tau(self, s1:Tensor, s2:Tensor, lr:float) -> Tensor:
-        "Trust ratios from Σp'² and Σ(kq·p' − lr·u)² (for 'lamb', kq = 0 so the second norm is lr·‖u‖)"
-        num,den = s1.sqrt(),s2.sqrt()
-        return _ratio(num, den, True) if self.trust == 'over9000' else _ratio(num*lr, den, False)
-
-    def _tau_host(self, s1:float, s2:float, lr:float) -> float:
-        "`_tau` for one tensor, in Python floats (same rules: 1 where a norm is 0; inf and NaN propagate)"
-        num,den = math.sqrt(s1),math.sqrt(s2)
-        if self.trust == 'lamb': num *= lr
-        if num == 0 or den == 0: return 1.
-        return (min(num, 10.) if self.trust == 'over9000' else num)/den
-
-    def _work(self, ref:Tensor, shape:tuple) -> Tensor:
-        "A work buffer of `shape` (an `alias` over one buffer per device and dtype, grown as needed)"
-        n,key = math.prod(shape),(ref.device, ref.dtype)
-        bufs = self.__dict__.setdefault('_work_bufs', {})
-        if key not in bufs or bufs[key].numel() < n: bufs[key] = torch.empty(n, dtype=ref.dtype, device=ref.device)
-        return alias(bufs[key], shape)
-
-    def _stores(self, ref:Tensor) -> bool:
-        "Whether moments like `ref` take the store-then-combine route"
-        return self.cpu_store_step and ref.device.type == 'cpu' and ref.dtype in (torch.float32, torch.float64)
-
-    def _update_kernels(self, items:list, fs:FlatState|None, hp, slows=None, alpha=None) -> bool:
-        "Norm pass then update, for the large tensors in `items` and the rows of `fs`; False if compiling failed"
-        ref = items[0][2] if items else fs.bufs['exp_avg']
-        sc = torch.tensor([hp[k] for k in ('b1','b2','A','B','C','a','lr','kq')], dtype=_acc(ref.dtype), device=ref.device)
-        if self._stores(ref): return self._update_stored(items, fs, hp, sc, slows, alpha)
-        rows = None if fs is None else _flat_rows(fs)
-        sums = [_sums_kernel(*x, sc) for x in items] + ([] if rows is None else [_sums_kernel(*rows, sc)])
-        if _sums_kernel.failed: return False
-        S = torch.cat(([torch.stack(sums[:len(items)])] if items else []) + ([] if rows is None else [_row_sums(sums[-1], fs)]))
-        c = (self._tau(S[:,0], S[:,1], hp['lr'])*hp['lr']).to(sc.dtype)
-        for i,x in enumerate(items):
-            self._call(_apply_kernel, i == 0, *x, c[i], sc)
-            if _apply_kernel.failed: return False
-        if rows is not None:
-            _apply_kernel(*rows, c[len(items):][fs.row_segments()][:,None], sc)
-            if _apply_kernel.failed: return self._rows_eager(fs, hp, bool(items))
-        return True
-
-    def _update_stored(self, items:list, fs:FlatState|None, hp, sc, slows=None, alpha=None) -> bool:
-        "CPU route: tensor by tensor, the storing norm pass (`_lars_store`), τ on the host, then p ← a·p + τ·(−lr·u)"
-        a,lr = hp['a'],hp['lr']
-        for i,x in enumerate(items):
-            d = self._work(x[2], x[2].shape)
-            s = self._call(_store_kernel, i == 0, *x, d, sc)
-            if s is None: return False
-            tau = self._tau_host(*_tensor_sums(s).tolist(), lr)
-            if slows is None: _axpby_(x[0], d, a, tau)
-            else:
-                _sync_kernel(x[0], d, slows[i], torch.tensor([a, tau, alpha], dtype=sc.dtype))
-                if _sync_kernel.failed: _axpby_(x[0], d, a, tau); lookahead_sync_([x[0]], [slows[i]], alpha)
-        if fs is None: return True
-        rows = _flat_rows(fs)
-        d = self._work(rows[2], rows[2].shape)
-        s = _store_kernel(*rows, d, sc)
-        if s is None: return self._rows_eager(fs, hp, bool(items))
-        tau = self._tau(*_row_sums(s, fs).unbind(1), lr).to(d.dtype)
-        P = fs.p.view(rows[0].shape)
-        if a != 1: P.mul_(a)
-        P.addcmul_(d, tau[fs.row_segments()][:,None])
-        return True
-
-    def _rows_eager(self, fs:FlatState, hp, started:bool) -> bool:
-        "The row kernel failed: finish the small tensors eagerly if the large ones are done, else report failure"
-        if started: self._update_eager(fs.ps, fs.g_views, hp)
-        return started
-
-    def _call(self, kern:Compiled, first:bool, *args):
-        "Run a compiled kernel; a failure is only recoverable before anything changed"
-        res = kern(*args)
-        if kern.failed and not first: raise RuntimeError("RangerLARS: a compiled kernel stopped working in the middle of a step")
-        return res
-
-    def _update_eager(self, ps, grads, hp):
-        "Without a compiler: all tensors at once in flat buffers (`FlatState`), per-tensor norms as row sums"
-        fs = self._flat_state(ps)
-        fp,fg = fs.gather(grads)
-        m,v = fs.bufs['exp_avg'],fs.bufs['exp_avg_sq']
-        if fg.dtype != m.dtype: fg = fg.to(m.dtype)
-        m.lerp_(fg, 1-hp['b1']); v.mul_(hp['b2']).addcmul_(fg, fg, value=1-hp['b2'])
-        u = v.sqrt().mul_(hp['B']).add_(hp['C'])
-        torch.div(m, u, out=u).mul_(hp['A'])
-        if hp['a'] != 1: fp.mul_(hp['a'])
-        q = fp*hp['kq'] - u*hp['lr']
-        R,W,acc = fs.numel//fs.align,fs.align,_acc(fp.dtype)
-        sq = lambda x: _row_sums(x.view(R, W).to(acc).pow(2).sum(1), fs)
-        tau = self._tau(sq(fp), sq(q), hp['lr']).to(u.dtype)
-        u.view(R, W).mul_(tau[fs.row_segments()][:,None])
-        fp.add_(u, alpha=-hp['lr'])
-        fs.scatter()
+    def _update_fast(self, g, ps, grads, states, st:RAdamStep) -> bool:
+        "The engine's step of one bucket, with the slow weights on a Lookahead step; returns `synced`"
+        slows = [s['slow'] for s in states] if st.t % g['k'] == 0 else None
+        return self.engine.update(ps, grads, states, st, slows, g['alpha'])
 
 # %% ../nbs/03_ranger_lars.ipynb #9498b9c7
 def ranger_lars(params, lr:float=1e-3, mom:float=0.95, sqr_mom:float=0.99, eps:float=1e-6, wd:float=1e-2, k:int=6,
