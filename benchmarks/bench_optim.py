@@ -46,37 +46,33 @@ class Row:
     "A benchmark row: `make(params)` builds the optimizer; `words` fp32 words per element the step must move; `ours` a target row"
     def __init__(self, make, words:float, ours:bool=False): self.make,self.words,self.ours = make,words,ours
 
-def _lars_gpu_route(ps, **kw):
-    "RangerLARS on the route a GPU takes (norm pass, trust ratios on the device, update pass), forced on CPU too"
-    from fastai_ranger.ranger_lars import RangerLARS
-    o = RangerLARS(ps, **kw)
-    o.cpu_store_step = False
-    return o
+def _on_route(make, route:str):
+    "`make`'s optimizer with its fast-path engine switched to `route` ('gpu' forces the GPU route on CPU too)"
+    def f(ps):
+        o = make(ps); o.engine.route = route
+        return o
+    return f
+
+# hyperparameters of each of our optimizers in the benchmark (the rest are its defaults)
+_KW = dict(ranger=dict(lr=1e-3), ranger_lars=dict(lr=1e-3), adan=dict(lr=1e-3, weight_decay=0.02))
 
 def _candidates(dev=torch.device('cpu')) -> dict:
-    """name -> `Row`. Words per element (fp32; read + written): AdamW reads p, g, m, v and writes p, m, v (7); Ranger
-    adds a Lookahead sync every k steps (reads p, slow, writes both: 4/k); RangerLARS needs a second pass for its trust
-    ratio (first reads p, g, m, v and writes m, v and the step; second reads p and the step and writes p: 10 + 4/k);
-    Adan reads p, g and four moments and writes p and four moments (11)"""
+    """name -> `Row`: the peers (fused and foreach AdamW, fastai's `ranger`), then each of this package's optimizers from
+    `fastai_ranger.registry.OPTS` on its fast path (the route a GPU takes forced as a row of its own on CPU) and its
+    reference path. The words a step moves per element come from the registry (`OptSpec.step_words`): AdamW reads p, g,
+    m, v and writes p, m, v (7); a Lookahead sync every k steps reads p, slow and writes both (4/k); RangerLARS needs a
+    second pass for its trust ratio (10 + 4/k); Adan reads p, g and four moments and writes p and four moments (11)"""
     from fastai.optimizer import ranger as fastai_ranger
-    from fastai_ranger.ranger import Ranger
-    la = 4/LOOKAHEAD_K
+    from fastai_ranger.registry import OPTS
     c = {'AdamW fused': Row(lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=1e-2, fused=True), 7),
          'AdamW foreach': Row(lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=1e-2, foreach=True), 7),
-         'fastai ranger': Row(lambda ps: fastai_ranger(ps, lr=1e-3), 7+la),
-         'Ranger (fast)': Row(lambda ps: Ranger(ps, lr=1e-3), 7+la, ours=True),
-         'Ranger (reference)': Row(lambda ps: Ranger(ps, lr=1e-3, foreach=False), 7+la)}
-    try:
-        from fastai_ranger.ranger_lars import RangerLARS
-        c['RangerLARS (fast)'] = Row(lambda ps: RangerLARS(ps, lr=1e-3), 10+la, ours=dev.type != 'cpu')
-        if dev.type == 'cpu': c['RangerLARS (GPU route)'] = Row(lambda ps: _lars_gpu_route(ps, lr=1e-3), 10+la, ours=True)
-        c['RangerLARS (reference)'] = Row(lambda ps: RangerLARS(ps, lr=1e-3, foreach=False), 10+la)
-    except ImportError as e: print(f"RangerLARS not available: {e}")
-    try:
-        from fastai_ranger.adan import Adan
-        c['Adan (fast)'] = Row(lambda ps: Adan(ps, lr=1e-3, weight_decay=0.02), 11, ours=True)
-        c['Adan (reference)'] = Row(lambda ps: Adan(ps, lr=1e-3, weight_decay=0.02, foreach=False), 11)
-    except ImportError as e: print(f"Adan not available: {e}")
+         'fastai ranger': Row(lambda ps: fastai_ranger(ps, lr=1e-3), OPTS['fastai_ranger'].step_words)}
+    for s in (s for s in OPTS.values() if s.ours):
+        C,kw,w = s.cls(),_KW.get(s.name, {}),s.step_words
+        fast = lambda ps,C=C,kw=kw: C(ps, **kw)
+        c[f'{C.__name__} (fast)'] = Row(fast, w, ours=dev.type != 'cpu')
+        if dev.type == 'cpu': c[f'{C.__name__} (GPU route)'] = Row(_on_route(fast, 'gpu'), w, ours=True)
+        c[f'{C.__name__} (reference)'] = Row(lambda ps,C=C,kw=kw: C(ps, foreach=False, **kw), w)
     return c
 
 def select(cands:dict, only=None, exclude=()) -> dict:

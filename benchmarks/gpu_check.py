@@ -150,7 +150,7 @@ def exact_cases(dev) -> list:
     routes = ('cpu', 'gpu') if torch.device(dev).type == 'cpu' else ('gpu',)
     def lars(ps, route, **kw):
         o = RangerLARS(ps, **kw)
-        o.cpu_store_step = route == 'cpu'
+        o.engine.route = route
         return o
     for trust,em,route in itertools.product(('over9000', 'lamb', None), ('fastai', 'lessw2020'), routes):
         if trust is None and route == 'cpu': continue   # trust=None is Ranger's step: no route to choose
@@ -159,7 +159,7 @@ def exact_cases(dev) -> list:
                       lambda ps,kw=kw: RangerLARS(ps, foreach=False, **kw), True))
     def adan(ps, min_numel=None, **kw):
         o = Adan(ps, **kw)
-        if min_numel is not None: o.fused_min_numel = min_numel   # every tensor gets a compiled call of its own
+        if min_numel is not None: o.engine.min_numel = min_numel   # every tensor gets a compiled call of its own
         return o
     for nm,kw in (('', {}), (' no_prox', dict(no_prox=True)), (' max_grad_norm=0.05', dict(max_grad_norm=0.05))):
         kw = dict(lr=3e-3, weight_decay=0.02, **kw)

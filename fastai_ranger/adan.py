@@ -198,13 +198,6 @@ class Adan(torch.optim.Optimizer):
             g.setdefault('no_prox', False); g.setdefault('max_grad_norm', 0.)
         if 'engine' not in self.__dict__: self.engine = AdanEngine(self.__dict__.get('fused'))   # pickled before engines
 
-    @property
-    def fused_min_numel(self) -> int:
-        "Deprecated alias of `engine.min_numel`, kept for old scripts"
-        return self.engine.min_numel
-    @fused_min_numel.setter
-    def fused_min_numel(self, v:int): self.engine.min_numel = v
-
     @torch.no_grad()
     def restart_opt(self):
         "Reset steps and moments (keeping fastai's flags): the next step behaves like step 1"

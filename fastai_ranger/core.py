@@ -20,8 +20,8 @@ __all__ = ['NONFINITE_MODES', 'ROUTES', 'OPT_CLASS_KEY', 'default_hp_map', 'chec
            'check_beta', 'check_betas', 'check_nonfinite_mode', 'check_dense', 'grads_finite', 'NonFiniteGradientError',
            'should_skip_step', 'check_real', 'group_by_key', 'FlatState', 'flat_state', 'CompileNotice',
            'compile_notice', 'InjectedFailure', 'Compiled', 'alias', 'AliasCache', 'rows_shape', 'check_route',
-           'FastEngine', 'state_dict_tag', 'check_state_dict', 'WrappedOptimizer', 'honours_do_wd', 'FastaiOptWrapper',
-           'takes_wd', 'fastai_opt', 'wrap_opt_func']
+           'FastEngine', 'step_counts', 'state_dict_tag', 'check_state_dict', 'WrappedOptimizer', 'honours_do_wd',
+           'FastaiOptWrapper', 'takes_wd', 'fastai_opt', 'wrap_opt_func']
 
 # %% ../nbs/00_core.ipynb #ec6822f4
 def check_hyper(name:str, # Name of the hyperparameter, used in the message
@@ -320,6 +320,21 @@ class FastEngine:
             self._rows = {i:v for i,v in self._rows.items() if i in live}
             hit = self._rows[id(fs)] = (fs, key, tuple(alias(b, (fs.numel//fs.align, fs.align)) for b in bufs))
         return hit[2]
+
+# %% ../nbs/00_core.ipynb #38c8f030
+_SYNC_OPS = {'aten::item', 'aten::_local_scalar_dense', 'aten::is_nonzero', 'aten::nonzero', 'aten::lift_fresh'}
+
+def _top_ops(ev) -> list:
+    "Top-level op names under profiler event `ev` (a compiled region is one op)"
+    if ev.name.startswith('Torch-Compiled Region') or '::' in ev.name: return [ev.name]
+    return [n for c in ev.cpu_children for n in _top_ops(c)]
+
+def step_counts(step) -> tuple:
+    "(ops, host syncs) of one call of `step` (e.g. `opt.step`): top-level ops dispatched and device<->host syncs among them"
+    from torch.profiler import profile, ProfilerActivity
+    with profile(activities=[ProfilerActivity.CPU]) as prof: step()
+    ops = [n for e in prof.events() if e.cpu_parent is None for n in _top_ops(e)]
+    return len(ops), sum(o in _SYNC_OPS for o in ops)
 
 # %% ../nbs/00_core.ipynb #5f169c89
 OPT_CLASS_KEY = 'optimizer_class'

@@ -264,13 +264,6 @@ class RangerLARS(RAdamLookaheadBase):
 
     def _make_engine(self) -> LarsEngine: return LarsEngine(self.trust)
 
-    @property
-    def cpu_store_step(self) -> bool:
-        "Deprecated switch, kept for old scripts: False forces the GPU route (`engine.route = 'gpu'`)"
-        return self.engine.route != 'gpu'
-    @cpu_store_step.setter
-    def cpu_store_step(self, v:bool): self.engine.route = None if v else 'gpu'
-
     def _direction_ref(self, g, m, v, bc1, bc2, r):
         if r is None: return m/bc1
         if self.eps_mode == 'fastai': return m/((v/bc2).sqrt() + g['eps']) * (r/bc1)
