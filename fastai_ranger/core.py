@@ -216,7 +216,8 @@ class Compiled:
                 self.cfn = _compiled(self.fn)
             sig = tuple((a.dtype, a.dim()) for a in args if isinstance(a, Tensor))
             if sig in self.seen: return self.cfn(*args)
-            with _no_duck_shapes(): res = self.cfn(*args)   # a first (R, R) call must not give a graph for square tensors only
+            rows = any(len(s) > 1 and s[1] >= 2 for s in sig)   # a first (R, R) call must not give a graph for square tensors only;
+            with (_no_duck_shapes() if rows else contextlib.nullcontext()): res = self.cfn(*args)   # flat ones keep one size symbol (faster code)
             self.seen.add(sig)
             return res
         except Exception as e:
