@@ -13,6 +13,9 @@ from pathlib import Path
 import numpy as np, pandas as pd, torch
 from torch import nn
 from fastcore.basics import *
+# fastai 2.8 calls torch.jit.script when it is imported, which torch >= 2.10 answers with a FutureWarning: noise above
+# every message of the CLI that a user can do nothing about
+warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)
 from fastcore.script import anno_parser, bool_arg, CliError
 from fastcore.imports import IN_NOTEBOOK
 import fastai
